@@ -1,1 +1,12 @@
-//! weft control plane.
+//! weft control plane: Kuma-format resources in an embedded store, served over a REST API.
+//!
+//! `model` parses and validates resources, `store` keeps them (sled or memory) with versions
+//! and a change feed, `rest` serves them, `app` wires it all, `cli` is `weftctl`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod rest;
+pub mod store;
