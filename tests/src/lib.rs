@@ -138,8 +138,8 @@ impl Cp {
             self.stop()?;
         }
         let next = Cp::start_on(&self.data_dir, self.api, self.diagnostics)?;
-        let old = std::mem::replace(self, next);
-        std::mem::forget(old.child); // already exited and reaped
+        // The old process has exited; dropping it only reaps what is already reaped.
+        drop(std::mem::replace(self, next));
         Ok(())
     }
 
