@@ -306,7 +306,12 @@ fn apply_documents(
         }
         match client.put(&path, &doc.body) {
             Ok((status, body)) => {
-                let verb = if status == 201 { "created" } else { "updated" };
+                let unchanged = body.get("unchanged").and_then(Value::as_bool) == Some(true);
+                let verb = match status {
+                    201 => "created",
+                    _ if unchanged => "unchanged",
+                    _ => "updated",
+                };
                 writeln!(out, "{verb} {} {:?}{suffix}", doc.kind, doc.name)?;
                 if let Some(warnings) = body.get("warnings").and_then(Value::as_array) {
                     for w in warnings {

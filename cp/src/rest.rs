@@ -586,12 +586,12 @@ async fn put(
         .map_err(|e| ApiError::Internal(format!("cannot encode resource: {e}")))?;
     let k = key(kind, &mesh, &name);
     let dry_run = q.dry_run;
-    let (status, version) = blocking(&st, move |s| {
+    let (status, version, unchanged) = blocking(&st, move |s| {
         let current = s.get(&k)?;
         check_pre(&k, pre, current.as_ref())?;
         if let Some(cur) = &current {
             if cur.body == canonical {
-                return Ok((StatusCode::OK, cur.version));
+                return Ok((StatusCode::OK, cur.version, true));
             }
         }
         if dry_run {
@@ -612,7 +612,7 @@ async fn put(
             } else {
                 StatusCode::CREATED
             };
-            return Ok((code, current.map_or(1, |c| c.version + 1)));
+            return Ok((code, current.map_or(1, |c| c.version + 1), false));
         }
         let out = s.put(&k, canonical, pre)?;
         Ok((
@@ -622,12 +622,18 @@ async fn put(
                 StatusCode::OK
             },
             out.version,
+            false,
         ))
     })
     .await?;
     let mut resp = (
         status,
-        Json(json!({ "resourceVersion": version, "warnings": warnings, "dryRun": dry_run })),
+        Json(json!({
+            "resourceVersion": version,
+            "unchanged": unchanged,
+            "warnings": warnings,
+            "dryRun": dry_run,
+        })),
     )
         .into_response();
     resp.headers_mut().insert(header::ETAG, etag(version));

@@ -91,7 +91,14 @@ impl FileConfig {
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
-        take!(cp_address, ca_cert_file, dataplane_file, dataplane_token_file, state_dir, admin_address);
+        take!(
+            cp_address,
+            ca_cert_file,
+            dataplane_file,
+            dataplane_token_file,
+            state_dir,
+            admin_address
+        );
         self
     }
 
@@ -99,22 +106,30 @@ impl FileConfig {
     pub fn check(self) -> Result<Config> {
         let missing = |field: &str| Error::Invalid {
             field: field.to_owned(),
-            message: "is required (in the config file or as --".to_owned() + &field.replace('_', "-") + ")",
+            message: "is required (in the config file or as --".to_owned()
+                + &field.replace('_', "-")
+                + ")",
         };
         let cp_address = self.cp_address.ok_or_else(|| missing("cp_address"))?;
         if !cp_address.starts_with("https://") {
             return Err(Error::Invalid {
                 field: "cp_address".into(),
-                message: format!("{cp_address:?} must be an https:// URL (the dataplane server speaks TLS only)"),
+                message: format!(
+                    "{cp_address:?} must be an https:// URL (the dataplane server speaks TLS only)"
+                ),
             });
         }
         Ok(Config {
             cp_address,
             ca_cert_file: self.ca_cert_file,
-            dataplane_file: self.dataplane_file.ok_or_else(|| missing("dataplane_file"))?,
+            dataplane_file: self
+                .dataplane_file
+                .ok_or_else(|| missing("dataplane_file"))?,
             dataplane_token_file: self.dataplane_token_file,
             state_dir: self.state_dir.ok_or_else(|| missing("state_dir"))?,
-            admin_address: self.admin_address.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            admin_address: self
+                .admin_address
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
         })
     }
 }
@@ -130,12 +145,19 @@ mod tests {
         )
         .unwrap();
         let c = f
-            .overlay(FileConfig { state_dir: Some("/tmp/s".into()), ..Default::default() })
+            .overlay(FileConfig {
+                state_dir: Some("/tmp/s".into()),
+                ..Default::default()
+            })
             .check()
             .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/s"));
         assert!(c.admin_address.ip().is_loopback());
-        assert_eq!(c.admin_address.port(), 0, "a free port by default: dataplanes on one host never clash");
+        assert_eq!(
+            c.admin_address.port(),
+            0,
+            "a free port by default: dataplanes on one host never clash"
+        );
     }
 
     #[test]
@@ -144,7 +166,12 @@ mod tests {
         assert!(e.to_string().contains("cp_adress"), "{e}");
         let e = FileConfig::default().check().unwrap_err();
         assert!(e.to_string().contains("cp_address"), "{e}");
-        let e = FileConfig { cp_address: Some("http://cp:5678".into()), ..Default::default() }.check().unwrap_err();
+        let e = FileConfig {
+            cp_address: Some("http://cp:5678".into()),
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err();
         assert!(e.to_string().contains("https://"), "{e}");
     }
 }

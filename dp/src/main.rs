@@ -68,7 +68,11 @@ fn main() -> ExitCode {
     };
     match base.overlay(flags).check() {
         Ok(c) => {
-            println!("valid: control plane {}, dataplane {}", c.cp_address, c.dataplane_file.display());
+            println!(
+                "valid: control plane {}, dataplane {}",
+                c.cp_address,
+                c.dataplane_file.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -15,7 +15,10 @@ use anyhow::{Context, bail};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -34,7 +37,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it returns `Some`, or fails with `what` once `timeout` has passed.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -69,7 +76,11 @@ impl Cp {
     }
 
     /// Starts a CP on the given addresses.
-    pub fn start_on(data_dir: &Path, api: SocketAddr, diagnostics: SocketAddr) -> anyhow::Result<Cp> {
+    pub fn start_on(
+        data_dir: &Path,
+        api: SocketAddr,
+        diagnostics: SocketAddr,
+    ) -> anyhow::Result<Cp> {
         std::fs::create_dir_all(data_dir)?;
         let config_file = data_dir.with_extension("toml");
         std::fs::write(
@@ -80,7 +91,10 @@ impl Cp {
             ),
         )?;
         let log_file = data_dir.with_extension("log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)?;
         let child = Command::new(bin("weft-cp"))
             .args(["run", "--config"])
             .arg(&config_file)
@@ -90,7 +104,14 @@ impl Cp {
             .stderr(log)
             .spawn()
             .context("spawning weft-cp")?;
-        let mut cp = Cp { child, data_dir: data_dir.to_owned(), api, diagnostics, config_file, log_file };
+        let mut cp = Cp {
+            child,
+            data_dir: data_dir.to_owned(),
+            api,
+            diagnostics,
+            config_file,
+            log_file,
+        };
         cp.wait_ready()?;
         Ok(cp)
     }
@@ -102,9 +123,17 @@ impl Cp {
         let log = self.log_file.clone();
         wait_for("weft-cp /ready", Duration::from_secs(20), || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("weft-cp exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "weft-cp exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+            client
+                .get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
         })
     }
 
@@ -129,7 +158,11 @@ impl Cp {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
         let child = &mut self.child;
-        wait_for("weft-cp to exit after SIGTERM", Duration::from_secs(10), || child.try_wait().ok().flatten())
+        wait_for(
+            "weft-cp to exit after SIGTERM",
+            Duration::from_secs(10),
+            || child.try_wait().ok().flatten(),
+        )
     }
 
     /// Starts the CP again on the same data dir and addresses.
@@ -164,14 +197,26 @@ impl Cp {
         let mut cmd = Command::new(bin("weftctl"));
         cmd.arg("--api-address")
             .arg(self.url())
-            .env("WEFTCTL_CONFIG", self.data_dir.with_extension("weftctl.toml"))
+            .env(
+                "WEFTCTL_CONFIG",
+                self.data_dir.with_extension("weftctl.toml"),
+            )
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn weftctl");
         if let Some(s) = stdin {
-            child.stdin.take().expect("piped").write_all(s.as_bytes()).expect("write stdin");
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(s.as_bytes())
+                .expect("write stdin");
         }
         child.wait_with_output().expect("weftctl output")
     }

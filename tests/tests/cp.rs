@@ -92,9 +92,14 @@ fn apply_read_back_delete_and_survive_restart() {
                 let json_out = ok(&cp.weftctl(&["get", kind, name, "-m", "shop", "-o", "json"]));
                 let yaml_out = ok(&cp.weftctl(&["get", kind, name, "-m", "shop", "-o", "yaml"]));
                 let from_json: Value = serde_json::from_str(&json_out).unwrap();
-                let from_yaml: Value =
-                    serde_json::to_value(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&yaml_out).unwrap()).unwrap();
-                assert_eq!(from_json, from_yaml, "YAML and JSON views agree for {kind}/{name}");
+                let from_yaml: Value = serde_json::to_value(
+                    serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&yaml_out).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(
+                    from_json, from_yaml,
+                    "YAML and JSON views agree for {kind}/{name}"
+                );
                 from_json
             })
             .collect::<Vec<_>>()
@@ -105,9 +110,16 @@ fn apply_read_back_delete_and_survive_restart() {
         assert!(g["creationTime"].is_string());
     }
 
+    // Applying the same file again changes nothing.
+    let again = ok(&cp.weftctl(&["apply", "-f", file.to_str().unwrap()]));
+    assert_eq!(again.matches("unchanged").count(), 3, "{again}");
+
     // The table view lists it too.
     let table = ok(&cp.weftctl(&["get", "dataplanes", "-m", "shop"]));
-    assert!(table.contains("web-01") && table.contains("kuma.io/service=web"), "{table}");
+    assert!(
+        table.contains("web-01") && table.contains("kuma.io/service=web"),
+        "{table}"
+    );
 
     // Restart on the same data dir: everything is still there, with the same versions.
     cp.stop().unwrap();
@@ -117,24 +129,42 @@ fn apply_read_back_delete_and_survive_restart() {
     // Delete; deleting the mesh first is refused while it still holds resources.
     let refused = cp.weftctl(&["delete", "mesh", "shop"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("shop"), "{refused:?}");
-    ok(&cp.weftctl(&["delete", "meshtrafficpermission", "allow-web-to-backend", "-m", "shop"]));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("shop"),
+        "{refused:?}"
+    );
+    ok(&cp.weftctl(&[
+        "delete",
+        "meshtrafficpermission",
+        "allow-web-to-backend",
+        "-m",
+        "shop",
+    ]));
     ok(&cp.weftctl(&["delete", "dataplane", "web-01", "-m", "shop"]));
     ok(&cp.weftctl(&["delete", "mesh", "shop"]));
     let gone = cp.weftctl(&["get", "mesh", "shop"]);
     assert!(!gone.status.success(), "mesh is gone");
     cp.stop().unwrap();
     cp.restart().unwrap();
-    assert!(!cp.weftctl(&["get", "mesh", "shop"]).status.success(), "deletion is durable");
+    assert!(
+        !cp.weftctl(&["get", "mesh", "shop"]).status.success(),
+        "deletion is durable"
+    );
 }
 
 #[test]
 fn default_mesh_is_secure_and_created_once() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cp = Cp::start(&tmp.path().join("cp")).unwrap();
-    let m: Value = serde_json::from_str(&ok(&cp.weftctl(&["get", "mesh", "default", "-o", "json"]))).unwrap();
+    let m: Value =
+        serde_json::from_str(&ok(&cp.weftctl(&["get", "mesh", "default", "-o", "json"]))).unwrap();
     let backend = m["mtls"]["enabledBackend"].as_str().unwrap();
-    let b = m["mtls"]["backends"].as_array().unwrap().iter().find(|b| b["name"] == backend).unwrap();
+    let b = m["mtls"]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == backend)
+        .unwrap();
     assert_eq!(b["type"], "builtin");
     assert_eq!(b["mode"], "STRICT");
     // An operator who deletes it does not get it back on restart.
@@ -172,13 +202,25 @@ fn cp_config_is_checked_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("bad.toml");
     std::fs::write(&f, "[api]\naddress = \"127.0.0.1:5681\"\nbogus = 1\n").unwrap();
-    let v = Command::new(bin("weft-cp")).args(["validate", "--config"]).arg(&f).output().unwrap();
+    let v = Command::new(bin("weft-cp"))
+        .args(["validate", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(v.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&v.stderr).contains("bogus"));
-    let r = Command::new(bin("weft-cp")).args(["run", "--config"]).arg(&f).output().unwrap();
+    let r = Command::new(bin("weft-cp"))
+        .args(["run", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(r.status.code(), Some(64), "run refuses bad config with 64");
     std::fs::write(&f, "[store]\npath = \"/tmp/x\"\n").unwrap();
-    let v = Command::new(bin("weft-cp")).args(["validate", "--config"]).arg(&f).output().unwrap();
+    let v = Command::new(bin("weft-cp"))
+        .args(["validate", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert!(v.status.success());
 }
 
@@ -187,11 +229,20 @@ fn diagnostics_serve_metrics_and_sigterm_is_clean() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cp = Cp::start(&tmp.path().join("cp")).unwrap();
     ok(&cp.weftctl(&["get", "meshes"]));
-    let body = client().get(format!("http://{}/metrics", cp.diagnostics)).send().unwrap().text().unwrap();
+    let body = client()
+        .get(format!("http://{}/metrics", cp.diagnostics))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(body.contains("weft_cp_api_requests_total"), "{body}");
     assert!(body.contains("weft_cp_up 1"), "{body}");
     let status = cp.stop().unwrap();
-    assert!(status.success(), "clean exit on SIGTERM: {status}\n{}", cp.log());
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}\n{}",
+        cp.log()
+    );
 }
 
 /// `kill -9` while a client makes 1000 sequential PUTs: every PUT answered 2xx survives.
@@ -213,7 +264,13 @@ fn acknowledged_writes_survive_kill_9() {
                     "type": "MeshTrafficPermission", "mesh": "default", "name": name,
                     "spec": {"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}
                 });
-                match c.put(format!("{url}/meshes/default/meshtrafficpermissions/{name}")).json(&body).send() {
+                match c
+                    .put(format!(
+                        "{url}/meshes/default/meshtrafficpermissions/{name}"
+                    ))
+                    .json(&body)
+                    .send()
+                {
                     Ok(r) if r.status().is_success() => {
                         acked.lock().unwrap().insert(name);
                     }
@@ -225,19 +282,32 @@ fn acknowledged_writes_survive_kill_9() {
             }
         })
     };
-    wait_for("300 acknowledged PUTs", Duration::from_secs(60), || (acked.lock().unwrap().len() >= 300).then_some(()))
-        .unwrap();
+    wait_for("300 acknowledged PUTs", Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= 300).then_some(())
+    })
+    .unwrap();
     cp.kill9();
-    wait_for("the writer to see the crash", Duration::from_secs(10), || failed.load(Ordering::SeqCst).then_some(()))
-        .unwrap();
+    wait_for(
+        "the writer to see the crash",
+        Duration::from_secs(10),
+        || failed.load(Ordering::SeqCst).then_some(()),
+    )
+    .unwrap();
     cp.restart().unwrap();
     writer.join().unwrap();
 
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 300 && acked.len() < 1000, "the crash interrupted the run ({} acked)", acked.len());
+    assert!(
+        acked.len() >= 300 && acked.len() < 1000,
+        "the crash interrupted the run ({} acked)",
+        acked.len()
+    );
     let c = client();
     let mut present = BTreeSet::new();
-    let mut next = Some(format!("{}/meshes/default/meshtrafficpermissions?size=1000", cp.url()));
+    let mut next = Some(format!(
+        "{}/meshes/default/meshtrafficpermissions?size=1000",
+        cp.url()
+    ));
     while let Some(u) = next {
         let page: Value = c.get(&u).send().unwrap().json().unwrap();
         for it in page["items"].as_array().unwrap() {
@@ -246,5 +316,8 @@ fn acknowledged_writes_survive_kill_9() {
         next = page["next"].as_str().map(str::to_owned);
     }
     let lost: Vec<_> = acked.difference(&present).collect();
-    assert!(lost.is_empty(), "acknowledged but lost after kill -9: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost after kill -9: {lost:?}"
+    );
 }

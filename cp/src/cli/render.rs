@@ -256,7 +256,7 @@ pub(crate) fn dataplane_overview_table(items: &[Value], now: OffsetDateTime) -> 
             );
             let expiry = match field("certExpiry") {
                 Some(v @ Value::String(s)) => {
-                    parse_time(Some(v)).map_or_else(|| s.clone(), |t| format_timestamp(t))
+                    parse_time(Some(v)).map_or_else(|| s.clone(), format_timestamp)
                 }
                 _ => NONE.to_string(),
             };

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -28,7 +28,7 @@ impl Api {
         uri: &str,
         body: Option<Value>,
         headers: &[(&str, &str)],
-    ) -> (StatusCode, Value, axum::http::HeaderMap) {
+    ) -> (StatusCode, Value, HeaderMap) {
         let app = router(ApiState {
             store: self.store.clone(),
             metrics: Arc::new(Metrics::default()),
@@ -124,6 +124,7 @@ async fn create_read_update_delete() {
     let (s, body) = api.put("/meshes/m1/dataplanes/web-1", dp.clone()).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body["resourceVersion"], 1);
+    assert_eq!(body["unchanged"], true);
 
     let dp2 = dataplane("m1", "web-1", "web", 10002);
     let (s, body) = api.put("/meshes/m1/dataplanes/web-1", dp2.clone()).await;
