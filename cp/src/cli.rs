@@ -86,8 +86,63 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Generate dataplane tokens and token signing keys
+    Generate {
+        /// What to generate.
+        #[command(subcommand)]
+        command: GenerateCommand,
+    },
+    /// Revoke a dataplane token
+    Revoke {
+        /// What to revoke.
+        #[command(subcommand)]
+        command: RevokeCommand,
+    },
     /// Print the version of weftctl and of the control plane
     Version,
+}
+
+/// `weftctl generate …`.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Print a signed token that lets a dataplane join a mesh as the given services
+    DataplaneToken {
+        /// Mesh the dataplane joins
+        #[arg(short, long, default_value = DEFAULT_MESH)]
+        mesh: String,
+        /// Bind the token to this dataplane name
+        #[arg(long)]
+        name: Option<String>,
+        /// Allowed tag, KEY=VALUE (repeatable); at least one kuma.io/service is required
+        #[arg(long = "tag", value_name = "KEY=VALUE", required = true)]
+        tags: Vec<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d [default: 1h; at most 1y]
+        #[arg(long, value_name = "DURATION")]
+        valid_for: Option<String>,
+    },
+    /// Add a new token signing key to a mesh; new tokens use it, older tokens stay valid
+    SigningKey {
+        /// Mesh whose tokens the key signs
+        #[arg(short, long, default_value = DEFAULT_MESH)]
+        mesh: String,
+    },
+}
+
+/// `weftctl revoke …`.
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Revoke a dataplane token, given the token itself or its id
+    DataplaneToken {
+        /// Mesh of the token
+        #[arg(short, long, default_value = DEFAULT_MESH)]
+        mesh: String,
+        /// The token
+        #[arg(required_unless_present = "id", conflicts_with = "id")]
+        token: Option<String>,
+        /// The token's id (its `jti`), as printed by `generate dataplane-token`
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 /// Arguments of `weftctl apply`.
@@ -253,6 +308,21 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
             let client = client_for(cli.api_address, config_path)?;
             inspect(&client, &args, out)
         }
+        Command::Generate { command } => {
+            let client = client_for(cli.api_address, config_path)?;
+            generate(&client, command, out, err)
+        }
+        Command::Revoke { command } => {
+            let client = client_for(cli.api_address, config_path)?;
+            let RevokeCommand::DataplaneToken { mesh, token, id } = command;
+            let answer = client.post(
+                "/tokens/dataplane/revocations",
+                &serde_json::json!({ "mesh": mesh, "token": token, "id": id }),
+            )?;
+            let jti = answer.get("revoked").and_then(Value::as_str).unwrap_or("?");
+            writeln!(out, "revoked dataplane token {jti} in mesh {mesh:?}")?;
+            Ok(())
+        }
         Command::Version => {
             writeln!(out, "weftctl: {}", env!("CARGO_PKG_VERSION"))?;
             match client_for(cli.api_address, config_path) {
@@ -262,6 +332,61 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
                 },
                 Err(e) => writeln!(out, "server: unreachable ({e})")?,
             }
+            Ok(())
+        }
+    }
+}
+
+fn generate(
+    client: &Client,
+    command: GenerateCommand,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    match command {
+        GenerateCommand::DataplaneToken {
+            mesh,
+            name,
+            tags,
+            valid_for,
+        } => {
+            let mut by_key: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for t in &tags {
+                let (k, v) = t
+                    .split_once('=')
+                    .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                    .ok_or_else(|| Error::Usage(format!("--tag {t:?}: expected KEY=VALUE")))?;
+                by_key.entry(k.to_owned()).or_default().push(v.to_owned());
+            }
+            let answer = client.post(
+                "/tokens/dataplane",
+                &serde_json::json!({ "mesh": mesh, "name": name, "tags": by_key, "validFor": valid_for }),
+            )?;
+            let token = answer
+                .get("token")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let id = answer.get("id").and_then(Value::as_str).unwrap_or_default();
+            writeln!(out, "{token}")?;
+            writeln!(
+                err,
+                "token id {id}; revoke with: weftctl revoke dataplane-token --mesh {mesh} --id {id}"
+            )?;
+            Ok(())
+        }
+        GenerateCommand::SigningKey { mesh } => {
+            let answer = client.post(
+                &format!("/meshes/{mesh}/signing-keys"),
+                &serde_json::json!({}),
+            )?;
+            let kid = answer
+                .get("kid")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "created signing key {kid} for mesh {mesh:?}; new tokens are signed with it"
+            )?;
             Ok(())
         }
     }

@@ -67,6 +67,9 @@ pub struct Config {
     pub store_path: PathBuf,
     /// `[api] address`: REST API and GUI.
     pub api_address: SocketAddr,
+    /// `[api] danger_allow_unauthenticated_remote`: serve the API, which has no authentication
+    /// yet, on a non-loopback address. Anyone who reaches it controls the mesh.
+    pub danger_allow_unauthenticated_remote_api: bool,
     /// `[dp_server] address`: where dataplanes connect.
     pub dp_server_address: SocketAddr,
     /// `[diagnostics] address`: `/ready` and `/metrics`.
@@ -82,6 +85,7 @@ impl Default for Config {
             store_type: StoreType::Sled,
             store_path: PathBuf::from("/var/lib/weft/cp"),
             api_address: SocketAddr::from(([127, 0, 0, 1], 5681)),
+            danger_allow_unauthenticated_remote_api: false,
             dp_server_address: SocketAddr::from(([0, 0, 0, 0], 5678)),
             diagnostics_address: SocketAddr::from(([127, 0, 0, 1], 5680)),
             skip_mesh_creation: false,
@@ -97,7 +101,7 @@ struct RawConfig {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
-    api: RawAddress,
+    api: RawApi,
     #[serde(default)]
     dp_server: RawAddress,
     #[serde(default)]
@@ -124,6 +128,13 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawAddress {
     address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    address: Option<String>,
+    danger_allow_unauthenticated_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,6 +195,9 @@ impl Config {
         }
         if let Some(a) = raw.api.address {
             c.api_address = parse_addr("api.address", &a)?;
+        }
+        if let Some(d) = raw.api.danger_allow_unauthenticated_remote {
+            c.danger_allow_unauthenticated_remote_api = d;
         }
         if let Some(a) = raw.dp_server.address {
             c.dp_server_address = parse_addr("dp_server.address", &a)?;
@@ -250,6 +264,17 @@ impl Config {
     }
 
     fn check(&self) -> Result<()> {
+        if !self.api_address.ip().is_loopback() && !self.danger_allow_unauthenticated_remote_api {
+            return Err(Error::Invalid {
+                field: "api.address".into(),
+                message: format!(
+                    "{} is not a loopback address, and the API has no authentication yet: \
+                     bind it to 127.0.0.1, or set api.danger_allow_unauthenticated_remote = true \
+                     if you accept that anyone who reaches it controls the mesh",
+                    self.api_address
+                ),
+            });
+        }
         if self.store_type == StoreType::Sled && self.store_path.as_os_str().is_empty() {
             return Err(Error::Invalid {
                 field: "store.path".into(),

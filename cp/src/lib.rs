@@ -4,9 +4,12 @@
 //! and a change feed, `rest` serves them, `app` wires it all, `cli` is `weftctl`.
 
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod rest;
 pub mod store;
+pub mod tokens;

@@ -19,6 +19,8 @@ pub mod mesh;
 pub mod policy;
 mod validate;
 
+pub use validate::parse_duration;
+
 #[cfg(test)]
 mod tests;
 

@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use time::format_description::well_known::Rfc3339;
 
@@ -23,6 +23,7 @@ use crate::store::{self, Precondition, ResourceKey, Store, StoredResource};
 mod error;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 pub use error::ApiError;
 
@@ -49,6 +50,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/", get(index))
         .route("/meshes", get(list_meshes))
         .route("/mesh-insights", get(mesh_insights))
+        .route("/tokens/dataplane", post(tokens::issue))
+        .route("/tokens/dataplane/revocations", post(tokens::revoke))
+        .route(
+            "/meshes/{mesh}/signing-keys",
+            get(tokens::list_signing_keys).post(tokens::rotate_signing_key),
+        )
         .route(
             "/meshes/{mesh}",
             get(get_mesh).put(put_mesh).delete(delete_mesh),

@@ -5,3 +5,4 @@
 //! listeners) builds on it.
 
 pub mod config;
+pub mod identity;

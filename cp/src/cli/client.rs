@@ -205,6 +205,11 @@ impl Client {
         self.send(Method::PUT, self.url(path), Some(body))
     }
 
+    /// `POST path` with a JSON body; the JSON answer.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        Ok(self.send(Method::POST, self.url(path), Some(body))?.1)
+    }
+
     /// `DELETE path`.
     pub fn delete(&self, path: &str) -> Result<()> {
         self.send(Method::DELETE, self.url(path), None).map(drop)

@@ -28,6 +28,7 @@ type = "memory"
 path = "/tmp/x"
 [api]
 address = "127.0.0.1:1"
+danger_allow_unauthenticated_remote = false
 [dp_server]
 address = "0.0.0.0:2"
 [diagnostics]
@@ -88,4 +89,24 @@ fn bad_environment_names_the_variable() {
     assert!(e.to_string().contains("WEFT_CP_API_ADRESS"), "{e}");
     // weftctl's variable is not ours: a URL there must not stop the CP.
     Config::from_str_with_env("", &env(&[("WEFT_API_ADDRESS", "http://cp:5681")])).unwrap();
+}
+
+#[test]
+fn remote_api_without_authentication_needs_the_danger_flag() {
+    let e = Config::from_str_with_env("[api]\naddress = \"0.0.0.0:5681\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("api.address"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("danger_allow_unauthenticated_remote"),
+        "{e}"
+    );
+    let e = Config::from_str_with_env("", &env(&[("WEFT_CP_API_ADDRESS", "10.0.0.1:5681")]))
+        .unwrap_err();
+    assert!(e.to_string().contains("loopback"), "{e}");
+    let c = Config::from_str_with_env(
+        "[api]\naddress = \"0.0.0.0:5681\"\ndanger_allow_unauthenticated_remote = true\n",
+        &[],
+    )
+    .unwrap();
+    assert!(c.danger_allow_unauthenticated_remote_api);
 }

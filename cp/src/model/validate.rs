@@ -186,7 +186,7 @@ fn is_hostname(s: &str) -> bool {
 
 /// Parses a Go-style duration (`24h`, `1h30m`, `500ms`, `1.5s`), plus `d`, `w` and `y`
 /// (365 days) as Kuma's examples use. Signs are refused.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }

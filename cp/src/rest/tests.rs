@@ -429,3 +429,113 @@ async fn overview_and_insights() {
     let (_, root) = api.get("/").await;
     assert_eq!(root["product"], "weft");
 }
+
+#[tokio::test]
+async fn dataplane_tokens_issue_rotate_revoke() {
+    use crate::keys;
+    let api = Api::new();
+    api.put("/meshes/m1", mesh("m1")).await;
+    let req = json!({"mesh": "m1", "tags": {"kuma.io/service": ["web"]}, "validFor": "2h"});
+    let (s, t1, _) = api
+        .call("POST", "/tokens/dataplane", Some(req.clone()), &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{t1}");
+    let token1 = t1["token"].as_str().unwrap().to_owned();
+    let claims = keys::verify(api.store.as_ref(), "m1", &token1).unwrap();
+    assert_eq!(
+        claims.allowed_services().into_iter().collect::<Vec<_>>(),
+        ["web"]
+    );
+    assert_eq!(claims.exp - claims.iat, 2 * 3600);
+    assert!(
+        keys::verify(api.store.as_ref(), "default", &token1).is_err(),
+        "bound to its mesh"
+    );
+
+    // Rotation: new tokens use the new key; the old token still verifies.
+    let (s, k2, _) = api.call("POST", "/meshes/m1/signing-keys", None, &[]).await;
+    assert_eq!(s, StatusCode::OK, "{k2}");
+    let (_, t2, _) = api
+        .call("POST", "/tokens/dataplane", Some(req.clone()), &[])
+        .await;
+    let token2 = t2["token"].as_str().unwrap();
+    let header = |t: &str| -> Value {
+        use base64::Engine as _;
+        let h = t.split('.').next().unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(header(token2)["kid"], k2["kid"]);
+    assert_ne!(header(&token1)["kid"], k2["kid"]);
+    keys::verify(api.store.as_ref(), "m1", &token1).unwrap();
+    let (_, listed) = api.get("/meshes/m1/signing-keys").await;
+    assert_eq!(listed["total"], 2);
+    assert!(
+        !listed.to_string().contains("PRIVATE"),
+        "private keys are never served: {listed}"
+    );
+
+    // Revocation by token and by id.
+    let (s, r, _) = api
+        .call(
+            "POST",
+            "/tokens/dataplane/revocations",
+            Some(json!({"mesh": "m1", "token": token1})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert!(keys::verify(api.store.as_ref(), "m1", &token1).is_err());
+    keys::verify(api.store.as_ref(), "m1", token2).unwrap();
+    let id2 = t2["id"].as_str().unwrap();
+    api.call(
+        "POST",
+        "/tokens/dataplane/revocations",
+        Some(json!({"mesh": "m1", "id": id2})),
+        &[],
+    )
+    .await;
+    assert!(keys::verify(api.store.as_ref(), "m1", token2).is_err());
+
+    // Bad requests name the field; missing mesh is 404.
+    let (s, b, _) = api
+        .call(
+            "POST",
+            "/tokens/dataplane",
+            Some(json!({"mesh": "m1", "tags": {}})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["causes"][0]["field"], "tags");
+    let bad_validity =
+        json!({"mesh": "m1", "tags": {"kuma.io/service": ["web"]}, "validFor": "20y"});
+    let (s, b, _) = api
+        .call("POST", "/tokens/dataplane", Some(bad_validity), &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["causes"][0]["field"], "validFor");
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/tokens/dataplane",
+            Some(json!({"mesh": "nope", "tags": {"kuma.io/service": ["web"]}})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Keys and revocations are internal: deleting the mesh takes them along.
+    let (s, _, _) = api.call("DELETE", "/meshes/m1", None, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        api.store
+            .list(keys::SIGNING_KEY_KIND, Some("m1"))
+            .unwrap()
+            .is_empty()
+    );
+}
