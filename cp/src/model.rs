@@ -19,7 +19,7 @@ pub mod mesh;
 pub mod policy;
 mod validate;
 
-pub use validate::parse_duration;
+pub use validate::{normalise_key, parse_duration};
 
 #[cfg(test)]
 mod tests;

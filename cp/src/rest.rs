@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use time::format_description::well_known::Rfc3339;
 
 use crate::metrics::Metrics;
-use crate::model::{FieldError, Kind, Resource};
+use crate::model::{FieldError, Kind, Resource, normalise_key};
 use crate::store::{self, Precondition, ResourceKey, Store, StoredResource};
 
 mod error;
@@ -247,7 +247,7 @@ impl ListQuery {
                     let (a, b) = v
                         .split_once(':')
                         .ok_or_else(|| ApiError::bad_param(k, "must be key:value"))?;
-                    let pair = (normalize_tag_key(a), b.to_owned());
+                    let pair = (normalise_key(a), b.to_owned());
                     if k == "tag" {
                         q.tags.push(pair)
                     } else {
@@ -278,8 +278,7 @@ impl ListQuery {
                                 .and_then(Value::as_object)
                                 .is_some_and(|tags| {
                                     tags.iter().any(|(tk, tv)| {
-                                        normalize_tag_key(tk) == *k
-                                            && tv.as_str() == Some(v.as_str())
+                                        normalise_key(tk) == *k && tv.as_str() == Some(v.as_str())
                                     })
                                 })
                         })
@@ -351,14 +350,6 @@ async fn list(
     });
     let rendered = items.iter().map(render).collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "total": total, "items": rendered, "next": next })).into_response())
-}
-
-/// `weft.io/x` and `kuma.io/x` are the same tag.
-fn normalize_tag_key(k: &str) -> String {
-    match k.strip_prefix("weft.io/") {
-        Some(rest) => format!("kuma.io/{rest}"),
-        None => k.to_owned(),
-    }
 }
 
 fn url_escape(s: &str) -> String {
@@ -595,7 +586,7 @@ async fn put(
     let dry_run = q.dry_run;
     let (status, version, unchanged) = blocking(&st, move |s| {
         let current = s.get(&k)?;
-        check_pre(&k, pre, current.as_ref())?;
+        store::check_put(&k, pre, current.as_ref().map(|c| c.version))?;
         if let Some(cur) = &current {
             if cur.body == canonical {
                 return Ok((StatusCode::OK, cur.version, true));
@@ -645,31 +636,6 @@ async fn put(
         .into_response();
     resp.headers_mut().insert(header::ETAG, etag(version));
     Ok(resp)
-}
-
-fn check_pre(
-    key: &ResourceKey,
-    pre: Precondition,
-    current: Option<&StoredResource>,
-) -> store::Result<()> {
-    let actual = current.map(|c| c.version);
-    let ok = match pre {
-        Precondition::None => true,
-        Precondition::Absent => actual.is_none(),
-        Precondition::Version(v) => actual == Some(v),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(store::Error::Conflict {
-            key: key.clone(),
-            expected: match pre {
-                Precondition::Version(v) => Some(v),
-                _ => None,
-            },
-            actual,
-        })
-    }
 }
 
 async fn delete_mesh(

@@ -254,7 +254,8 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Checks `pre` against the current version of `key` (`None` = absent) for a put.
-fn check_put(key: &ResourceKey, pre: Precondition, current: Option<u64>) -> Result<()> {
+/// Both stores use it, and so does the REST API's dry run.
+pub fn check_put(key: &ResourceKey, pre: Precondition, current: Option<u64>) -> Result<()> {
     match (pre, current) {
         (Precondition::None, _) | (Precondition::Absent, None) => Ok(()),
         (Precondition::Version(want), Some(have)) if want == have => Ok(()),

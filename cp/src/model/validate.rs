@@ -100,7 +100,7 @@ pub(crate) fn check_name(field: &str, name: &str, errs: &mut Errors) {
 }
 
 /// Maps a `weft.io/` tag key to its `kuma.io/` spelling; other keys are returned unchanged.
-pub(crate) fn normalise_key(key: &str) -> String {
+pub fn normalise_key(key: &str) -> String {
     match key.strip_prefix("weft.io/") {
         Some(rest) => format!("kuma.io/{rest}"),
         None => key.to_owned(),
