@@ -11,6 +11,12 @@ pub struct CertifyRequest {
     /// A PEM-encoded PKCS#10 certificate signing request for the dataplane's own key.
     #[prost(string, tag = "3")]
     pub csr_pem: ::prost::alloc::string::String,
+    /// The Dataplane resource (Kuma universal YAML or JSON) the dataplane is about to register,
+    /// after `--dataplane-var` substitution. The CP signs only services that this resource's
+    /// inbounds declare and that the token (or the presented certificate) allows. When empty,
+    /// the Dataplane already stored under `mesh`/`dataplane_name` is used.
+    #[prost(string, tag = "5")]
+    pub dataplane_yaml: ::prost::alloc::string::String,
     /// How the caller proves it may have this identity, besides its TLS client certificate.
     #[prost(oneof = "certify_request::Auth", tags = "4")]
     pub auth: ::core::option::Option<certify_request::Auth>,
@@ -138,7 +144,7 @@ pub struct DiscoveryResponse {
     #[prost(string, tag = "1")]
     pub version: ::prost::alloc::string::String,
     /// What the control plane is sending.
-    #[prost(oneof = "discovery_response::Kind", tags = "2, 3")]
+    #[prost(oneof = "discovery_response::Kind", tags = "2, 3, 4")]
     pub kind: ::core::option::Option<discovery_response::Kind>,
 }
 /// Nested message and enum types in `DiscoveryResponse`.
@@ -150,6 +156,63 @@ pub mod discovery_response {
         /// Why the stream is being closed, for logs.
         #[prost(string, tag = "1")]
         pub reason: ::prost::alloc::string::String,
+        /// What kind of close this is, so the dataplane knows whether to come back at once.
+        #[prost(enumeration = "close::Code", tag = "2")]
+        pub code: i32,
+    }
+    /// Nested message and enum types in `Close`.
+    pub mod close {
+        /// Why a stream ends.
+        #[derive(
+            Clone,
+            Copy,
+            Debug,
+            PartialEq,
+            Eq,
+            Hash,
+            PartialOrd,
+            Ord,
+            ::prost::Enumeration
+        )]
+        #[repr(i32)]
+        pub enum Code {
+            /// Unspecified: reconnect with backoff.
+            Unspecified = 0,
+            /// The control plane is shutting down: reconnect with backoff (to it or another CP).
+            Draining = 1,
+            /// The token or certificate this dataplane joined with was revoked.
+            Revoked = 2,
+            /// The Dataplane resource was deleted.
+            Deleted = 3,
+            /// Another stream for the same dataplane replaced this one.
+            Replaced = 4,
+        }
+        impl Code {
+            /// String value of the enum field names used in the ProtoBuf definition.
+            ///
+            /// The values are not transformed in any way and thus are considered stable
+            /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+            pub fn as_str_name(&self) -> &'static str {
+                match self {
+                    Self::Unspecified => "CODE_UNSPECIFIED",
+                    Self::Draining => "CODE_DRAINING",
+                    Self::Revoked => "CODE_REVOKED",
+                    Self::Deleted => "CODE_DELETED",
+                    Self::Replaced => "CODE_REPLACED",
+                }
+            }
+            /// Creates an enum from field names used in the ProtoBuf definition.
+            pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+                match value {
+                    "CODE_UNSPECIFIED" => Some(Self::Unspecified),
+                    "CODE_DRAINING" => Some(Self::Draining),
+                    "CODE_REVOKED" => Some(Self::Revoked),
+                    "CODE_DELETED" => Some(Self::Deleted),
+                    "CODE_REPLACED" => Some(Self::Replaced),
+                    _ => None,
+                }
+            }
+        }
     }
     /// What the control plane is sending.
     #[derive(Clone, PartialEq, ::prost::Oneof)]
@@ -160,7 +223,49 @@ pub mod discovery_response {
         /// The control plane is ending the stream (token revoked, dataplane deleted, draining).
         #[prost(message, tag = "3")]
         Close(Close),
+        /// The changes from `ConfigDelta.base_version` to `version`.
+        #[prost(message, tag = "4")]
+        Delta(super::ConfigDelta),
     }
+}
+/// The changes between two versions of a dataplane's config. Sent only on top of a version the
+/// dataplane ACKed; the dataplane NACKs a delta whose `base_version` is not its current version,
+/// and the control plane then sends the complete config.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfigDelta {
+    /// The version this delta applies to: the dataplane's current (last applied) version.
+    #[prost(string, tag = "1")]
+    pub base_version: ::prost::alloc::string::String,
+    /// The new mTLS mode, when it changed.
+    #[prost(enumeration = "dataplane_config::MtlsMode", optional, tag = "2")]
+    pub mtls_mode: ::core::option::Option<i32>,
+    /// The new trust bundle, when it changed.
+    #[prost(string, optional, tag = "3")]
+    pub trust_bundle_pem: ::core::option::Option<::prost::alloc::string::String>,
+    /// The new signing CA, when it changed.
+    #[prost(string, optional, tag = "4")]
+    pub signing_ca_pem: ::core::option::Option<::prost::alloc::string::String>,
+    /// Inbounds added or changed, keyed by `Inbound.port`.
+    #[prost(message, repeated, tag = "5")]
+    pub upsert_inbounds: ::prost::alloc::vec::Vec<Inbound>,
+    /// Ports of inbounds removed.
+    #[prost(uint32, repeated, tag = "6")]
+    pub remove_inbounds: ::prost::alloc::vec::Vec<u32>,
+    /// Outbounds added or changed, keyed by `address:port`.
+    #[prost(message, repeated, tag = "7")]
+    pub upsert_outbounds: ::prost::alloc::vec::Vec<Outbound>,
+    /// `address:port` of outbounds removed.
+    #[prost(string, repeated, tag = "8")]
+    pub remove_outbounds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Policies added or changed, by name.
+    #[prost(map = "string, string", tag = "9")]
+    pub upsert_policies_json: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Names of policies removed.
+    #[prost(string, repeated, tag = "10")]
+    pub remove_policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Everything a dataplane needs to serve its inbounds and outbounds.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -189,6 +294,10 @@ pub struct DataplaneConfig {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// The root of the CA that signs new certificates in this mesh (PEM); empty without mTLS.
+    /// A dataplane whose leaf was signed by another root (after a CA rotation) renews at once.
+    #[prost(string, tag = "8")]
+    pub signing_ca_pem: ::prost::alloc::string::String,
 }
 /// Nested message and enum types in `DataplaneConfig`.
 pub mod dataplane_config {
