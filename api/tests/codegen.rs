@@ -31,6 +31,8 @@ fn generate() -> Result<String> {
         .build_server(true)
         .build_transport(true)
         .emit_rerun_if_changed(false)
+        // Ordered maps: encoding is deterministic, so a config hashes to a stable version.
+        .btree_map(".")
         .out_dir(&out)
         .compile_fds(fds)
         .context("generating Rust code with tonic-prost-build")?;

@@ -1,6 +1,6 @@
 //! The generated servers and clients talk to each other over real TCP.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -16,7 +16,7 @@ use weft_api::v1::{
     dataplane_config::MtlsMode,
     discovery_client::DiscoveryClient,
     discovery_request::{self, Ack, Hello},
-    discovery_response::{self, Close},
+    discovery_response::{self, Close, close},
     discovery_server::{Discovery, DiscoveryServer},
     identity_client::IdentityClient,
     identity_server::{Identity, IdentityServer},
@@ -66,7 +66,7 @@ fn config_for(hello: &Hello) -> DataplaneConfig {
             port: 10001,
             service_address: "127.0.0.1".into(),
             service_port: 8080,
-            tags: HashMap::from([("kuma.io/service".into(), "web".into())]),
+            tags: BTreeMap::from([("kuma.io/service".into(), "web".into())]),
             rules: vec![PermissionRule {
                 from: Some(TargetRef {
                     kind: "Mesh".into(),
@@ -85,11 +85,12 @@ fn config_for(hello: &Hello) -> DataplaneConfig {
                 port: 10001,
                 healthy: true,
                 zone: String::new(),
-                tags: HashMap::new(),
+                tags: BTreeMap::new(),
             }],
             lb: LoadBalancer::LeastRequest.into(),
         }],
-        policies_json: HashMap::new(),
+        policies_json: BTreeMap::new(),
+        signing_ca_pem: String::new(),
     }
 }
 
@@ -122,6 +123,7 @@ impl Discovery for FakeDiscovery {
                             version: String::new(),
                             kind: Some(discovery_response::Kind::Close(Close {
                                 reason: "test over".into(),
+                                code: close::Code::Draining.into(),
                             })),
                         };
                         let _ = tx.send(Ok(close)).await;
@@ -163,6 +165,7 @@ async fn identity_certify_roundtrip() -> Result<()> {
             dataplane_name: "web-1".into(),
             csr_pem: "CSR".into(),
             auth: Some(certify_request::Auth::Token("join-token".into())),
+            dataplane_yaml: String::new(),
         })
         .await?
         .into_inner();
@@ -177,6 +180,7 @@ async fn identity_certify_roundtrip() -> Result<()> {
             dataplane_name: "web-1".into(),
             csr_pem: "CSR".into(),
             auth: None,
+            dataplane_yaml: String::new(),
         })
         .await
         .expect_err("no token must be refused");
@@ -240,10 +244,11 @@ async fn discovery_hello_config_ack() -> Result<()> {
         .next()
         .await
         .context("stream ended before the close")??;
-    let Some(discovery_response::Kind::Close(Close { reason })) = last.kind else {
+    let Some(discovery_response::Kind::Close(Close { reason, code })) = last.kind else {
         bail!("expected a close, got {:?}", last.kind);
     };
     assert_eq!(reason, "test over");
+    assert_eq!(code, i32::from(close::Code::Draining));
     ensure!(
         responses.next().await.is_none(),
         "stream must end after a close"

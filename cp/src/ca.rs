@@ -395,6 +395,20 @@ impl Ca {
         allowed_services: &BTreeSet<String>,
         lifetime: Duration,
     ) -> Result<SignedLeaf> {
+        self.sign_dataplane_csr(csr_pem, mesh, None, allowed_services, lifetime)
+    }
+
+    /// Like [`Ca::sign_csr`], and binds the leaf to one Dataplane: its subject's common name is
+    /// `dataplane` (the organisation is always the mesh), so a certificate can authenticate only
+    /// the dataplane it was issued to.
+    pub fn sign_dataplane_csr(
+        &self,
+        csr_pem: &str,
+        mesh: &str,
+        dataplane: Option<&str>,
+        allowed_services: &BTreeSet<String>,
+        lifetime: Duration,
+    ) -> Result<SignedLeaf> {
         let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
             .map_err(|e| Error::CsrMalformed(e.to_string()))?;
         if pem.label != "CERTIFICATE REQUEST" && pem.label != "NEW CERTIFICATE REQUEST" {
@@ -418,6 +432,9 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, mesh);
+        if let Some(name) = dataplane {
+            dn.push(DnType::CommonName, name);
+        }
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
@@ -550,7 +567,52 @@ fn check_valid_now(cert: &X509Certificate<'_>, what: &'static str) -> Result<()>
 /// Checks that `leaf_pem` is signed by a CA root of `bundle_pem` and that both are valid now.
 pub fn verify_chain(leaf_pem: &str, bundle_pem: &str) -> Result<()> {
     let leaf_pem = parse_pem_cert(leaf_pem, "leaf")?;
-    let leaf = parse_x509(&leaf_pem, "leaf")?;
+    verify_chain_der(&leaf_pem.contents, bundle_pem).map(|_| ())
+}
+
+/// What a verified leaf says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// The subject's organisation: the mesh it was issued in.
+    pub organization: Option<String>,
+    /// The subject's common name: the Dataplane it was issued to.
+    pub common_name: Option<String>,
+    /// Its URI SANs.
+    pub spiffe_ids: Vec<String>,
+    /// When it expires.
+    pub not_after: OffsetDateTime,
+}
+
+/// Checks that the DER leaf (e.g. a TLS peer's certificate) is signed by a CA root of
+/// `bundle_pem` and that both are valid now, and says who it names.
+pub fn verify_chain_der(leaf_der: &[u8], bundle_pem: &str) -> Result<LeafInfo> {
+    let (_, leaf) = X509Certificate::from_der(leaf_der).map_err(|e| Error::Cert {
+        what: "leaf",
+        reason: e.to_string(),
+    })?;
+    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+        it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
+    };
+    let info = LeafInfo {
+        organization: first(&mut leaf.subject().iter_organization()),
+        common_name: first(&mut leaf.subject().iter_common_name()),
+        spiffe_ids: leaf
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some((*u).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        not_after: leaf.validity().not_after.to_datetime(),
+    };
     let roots = Pem::iter_from_buffer(bundle_pem.as_bytes())
         .map(|p| {
             p.map_err(|e| Error::Cert {
@@ -569,7 +631,8 @@ pub fn verify_chain(leaf_pem: &str, bundle_pem: &str) -> Result<()> {
         }
         if leaf.verify_signature(Some(root.public_key())).is_ok() {
             check_valid_now(&root, "root")?;
-            return check_valid_now(&leaf, "leaf");
+            check_valid_now(&leaf, "leaf")?;
+            return Ok(info);
         }
     }
     Err(Error::Untrusted)

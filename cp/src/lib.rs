@@ -8,6 +8,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod keys;
+pub mod meshca;
 pub mod metrics;
 pub mod model;
 pub mod rest;

@@ -258,8 +258,8 @@ pub struct ConfigDelta {
     #[prost(string, repeated, tag = "8")]
     pub remove_outbounds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// Policies added or changed, by name.
-    #[prost(map = "string, string", tag = "9")]
-    pub upsert_policies_json: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "9")]
+    pub upsert_policies_json: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -289,8 +289,8 @@ pub struct DataplaneConfig {
     #[prost(message, repeated, tag = "6")]
     pub outbounds: ::prost::alloc::vec::Vec<Outbound>,
     /// Further policies by name, as JSON, reserved for policies not yet modelled here.
-    #[prost(map = "string, string", tag = "7")]
-    pub policies_json: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "7")]
+    pub policies_json: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -358,8 +358,8 @@ pub struct Inbound {
     #[prost(uint32, tag = "3")]
     pub service_port: u32,
     /// The inbound's tags, including `kuma.io/service`.
-    #[prost(map = "string, string", tag = "4")]
-    pub tags: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "4")]
+    pub tags: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -436,8 +436,8 @@ pub struct TargetRef {
     #[prost(string, tag = "2")]
     pub name: ::prost::alloc::string::String,
     /// The tags to match, when the kind selects by tags (e.g. `MeshSubset`).
-    #[prost(map = "string, string", tag = "3")]
-    pub tags: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub tags: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -519,8 +519,8 @@ pub struct Endpoint {
     #[prost(string, tag = "4")]
     pub zone: ::prost::alloc::string::String,
     /// The instance's inbound tags.
-    #[prost(map = "string, string", tag = "5")]
-    pub tags: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub tags: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
