@@ -13,7 +13,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use std::time::Duration;
+
 use crate::config::{Config, Mode, StoreType};
+use crate::dpserver::tls::{self, CertSource};
+use crate::dpserver::{self, DpServer};
+use crate::index::Index;
+use crate::insight;
 use crate::metrics::Metrics;
 use crate::model::{Kind, Resource};
 use crate::rest::{self, ApiState};
@@ -66,6 +72,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// `/ready` and `/metrics`.
     pub diagnostics: TcpListener,
+    /// The dataplane server (gRPC over TLS).
+    pub dp_server: TcpListener,
 }
 
 impl Listeners {
@@ -77,7 +85,19 @@ impl Listeners {
         let diagnostics = TcpListener::bind(config.diagnostics_address)
             .await
             .with_context(|| format!("binding diagnostics on {}", config.diagnostics_address))?;
-        Ok(Listeners { api, diagnostics })
+        let dp_server = TcpListener::bind(config.dp_server_address)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the dataplane server on {}",
+                    config.dp_server_address
+                )
+            })?;
+        Ok(Listeners {
+            api,
+            diagnostics,
+            dp_server,
+        })
     }
 }
 
@@ -135,6 +155,54 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
+    // The dataplane server's certificate, before anything serves: a bad one fails the start.
+    let source = match &config.dp_server_tls_files {
+        Some((cert, key)) => CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        None => CertSource::Generated {
+            dir: config.dp_server_tls_dir.clone(),
+            sans: tls::default_sans(config.dp_server_address.ip(), &config.dp_server_tls_sans),
+        },
+    };
+    let server_tls = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (cert, key) = tls::serving_material(&source)?;
+        Ok(tls::server_config(&cert, &key)?)
+    })
+    .await??;
+
+    // No stream survives a restart: whatever the last run left Online is Offline now.
+    let s = store.clone();
+    let stale = tokio::task::spawn_blocking(move || {
+        insight::mark_all_offline(s.as_ref(), time::OffsetDateTime::now_utc())
+    })
+    .await??;
+    if stale > 0 {
+        tracing::info!(
+            dataplanes = stale,
+            "marked dataplanes of the previous run offline"
+        );
+    }
+    let index = Index::new(store.clone());
+    let (index_ready, index_loaded) = tokio::sync::oneshot::channel();
+    tokio::spawn(index.clone().run(index_ready));
+    index_loaded.await.context("index stopped before loading")?;
+    let cleanup_every =
+        (config.dataplane_cleanup_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let gc = tokio::spawn(dpserver::gc::run(
+        store.clone(),
+        config.dataplane_cleanup_after,
+        cleanup_every,
+    ));
+    let forget = tokio::spawn(dpserver::gc::forget_deleted(store.clone()));
+    let dps = DpServer::new(
+        store.clone(),
+        index.clone(),
+        metrics.clone(),
+        dpserver::Settings::default(),
+    );
+
     // Count committed changes; later parts of the CP (the index) subscribe the same way.
     let mut changes = store.subscribe();
     let m = metrics.clone();
@@ -179,16 +247,26 @@ pub async fn run(
     tracing::info!(
         api = %listeners.api.local_addr()?,
         diagnostics = %listeners.diagnostics.local_addr()?,
+        dp_server = %listeners.dp_server.local_addr()?,
         "weft-cp serving"
+    );
+    let dp_srv = dpserver::serve(
+        dps,
+        listeners.dp_server,
+        server_tls,
+        stopped(stop_rx.clone()),
     );
     let api_srv = axum::serve(listeners.api, api).with_graceful_shutdown(stopped(stop_rx.clone()));
     let diag_srv =
         axum::serve(listeners.diagnostics, diag).with_graceful_shutdown(stopped(stop_rx));
     ready.store(true, Ordering::Release);
     metrics.up.set(1);
-    let (a, d) = tokio::join!(api_srv.into_future(), diag_srv.into_future());
+    let (a, d, p) = tokio::join!(api_srv.into_future(), diag_srv.into_future(), dp_srv);
+    gc.abort();
+    forget.abort();
     a.context("REST API server")?;
     d.context("diagnostics server")?;
+    p.context("dataplane server")?;
     tracing::info!("weft-cp stopped");
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -72,6 +73,17 @@ pub struct Config {
     pub danger_allow_unauthenticated_remote_api: bool,
     /// `[dp_server] address`: where dataplanes connect.
     pub dp_server_address: SocketAddr,
+    /// `[dp_server] tls_cert_file` and `tls_key_file`: the serving certificate chain and key.
+    /// When absent, one is generated into `dp_server_tls_dir`.
+    pub dp_server_tls_files: Option<(PathBuf, PathBuf)>,
+    /// `[dp_server] tls_dir`: where the generated CA (`ca.pem`, pinned by dataplanes) and
+    /// serving certificate live. Default: `tls` beside the store path.
+    pub dp_server_tls_dir: PathBuf,
+    /// `[dp_server] tls_sans`: names and addresses dataplanes use to reach this CP, added to
+    /// the generated certificate (localhost, loopback and the host name are always in it).
+    pub dp_server_tls_sans: Vec<String>,
+    /// `[dp_server] dataplane_cleanup_after`: remove a dataplane offline for longer than this.
+    pub dataplane_cleanup_after: Duration,
     /// `[diagnostics] address`: `/ready` and `/metrics`.
     pub diagnostics_address: SocketAddr,
     /// `[defaults] skip_mesh_creation`.
@@ -87,6 +99,10 @@ impl Default for Config {
             api_address: SocketAddr::from(([127, 0, 0, 1], 5681)),
             danger_allow_unauthenticated_remote_api: false,
             dp_server_address: SocketAddr::from(([0, 0, 0, 0], 5678)),
+            dp_server_tls_files: None,
+            dp_server_tls_dir: PathBuf::from("/var/lib/weft/tls"),
+            dp_server_tls_sans: Vec::new(),
+            dataplane_cleanup_after: Duration::from_secs(72 * 3600),
             diagnostics_address: SocketAddr::from(([127, 0, 0, 1], 5680)),
             skip_mesh_creation: false,
         }
@@ -103,7 +119,7 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     #[serde(default)]
-    dp_server: RawAddress,
+    dp_server: RawDpServer,
     #[serde(default)]
     diagnostics: RawAddress,
     #[serde(default)]
@@ -132,6 +148,17 @@ struct RawAddress {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDpServer {
+    address: Option<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
+    tls_sans: Option<Vec<String>>,
+    dataplane_cleanup_after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawApi {
     address: Option<String>,
     danger_allow_unauthenticated_remote: Option<bool>,
@@ -144,12 +171,13 @@ struct RawDefaults {
 }
 
 /// The environment variables that override the file, with the key each one overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 7] = [
+pub const ENV_OVERRIDES: [(&str, &str); 8] = [
     ("WEFT_CP_GENERAL_MODE", "general.mode"),
     ("WEFT_CP_STORE_TYPE", "store.type"),
     ("WEFT_CP_STORE_PATH", "store.path"),
     ("WEFT_CP_API_ADDRESS", "api.address"),
     ("WEFT_CP_DP_SERVER_ADDRESS", "dp_server.address"),
+    ("WEFT_CP_DP_SERVER_TLS_DIR", "dp_server.tls_dir"),
     ("WEFT_CP_DIAGNOSTICS_ADDRESS", "diagnostics.address"),
     (
         "WEFT_CP_DEFAULTS_SKIP_MESH_CREATION",
@@ -202,6 +230,30 @@ impl Config {
         if let Some(a) = raw.dp_server.address {
             c.dp_server_address = parse_addr("dp_server.address", &a)?;
         }
+        let tls_dir_set = raw.dp_server.tls_dir.is_some();
+        if let Some(d) = raw.dp_server.tls_dir {
+            c.dp_server_tls_dir = d;
+        }
+        match (raw.dp_server.tls_cert_file, raw.dp_server.tls_key_file) {
+            (Some(cert), Some(key)) => c.dp_server_tls_files = Some((cert, key)),
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(Error::Invalid {
+                    field: "dp_server.tls_cert_file".into(),
+                    message: "tls_cert_file and tls_key_file must be set together".into(),
+                });
+            }
+        }
+        if let Some(sans) = raw.dp_server.tls_sans {
+            c.dp_server_tls_sans = sans;
+        }
+        if let Some(a) = raw.dp_server.dataplane_cleanup_after {
+            c.dataplane_cleanup_after =
+                crate::model::parse_duration(&a).map_err(|m| Error::Invalid {
+                    field: "dp_server.dataplane_cleanup_after".into(),
+                    message: m,
+                })?;
+        }
         if let Some(a) = raw.diagnostics.address {
             c.diagnostics_address = parse_addr("diagnostics.address", &a)?;
         }
@@ -210,6 +262,15 @@ impl Config {
         }
         for (name, value) in env {
             c.apply_env(name, value)?;
+        }
+        if !tls_dir_set && !env.iter().any(|(k, _)| k == "WEFT_CP_DP_SERVER_TLS_DIR") {
+            // Beside the store, so that one data directory holds everything.
+            c.dp_server_tls_dir = c
+                .store_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .join("tls");
         }
         c.check()?;
         Ok(c)
@@ -245,6 +306,7 @@ impl Config {
             "WEFT_CP_STORE_PATH" => self.store_path = PathBuf::from(value),
             "WEFT_CP_API_ADDRESS" => self.api_address = parse_addr(name, value)?,
             "WEFT_CP_DP_SERVER_ADDRESS" => self.dp_server_address = parse_addr(name, value)?,
+            "WEFT_CP_DP_SERVER_TLS_DIR" => self.dp_server_tls_dir = PathBuf::from(value),
             "WEFT_CP_DIAGNOSTICS_ADDRESS" => self.diagnostics_address = parse_addr(name, value)?,
             "WEFT_CP_DEFAULTS_SKIP_MESH_CREATION" => {
                 self.skip_mesh_creation = match value {

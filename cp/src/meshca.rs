@@ -96,7 +96,11 @@ pub fn load(store: &dyn Store, mesh: &str, spec: &MeshSpec) -> Result<Option<Arc
         .and_then(|r| r.expiration.as_deref())
     {
         Some(s) => parse_duration(s).map_err(|e| {
-            backend_error(mesh, &enabled.name, format!("dpCert.rotation.expiration: {e}"))
+            backend_error(
+                mesh,
+                &enabled.name,
+                format!("dpCert.rotation.expiration: {e}"),
+            )
         })?,
         None => DEFAULT_LEAF_LIFETIME,
     };
@@ -120,9 +124,9 @@ fn material(store: &dyn Store, mesh: &str, backend: &MtlsBackend) -> Result<CaMa
     match backend.backend_type {
         BackendType::Builtin => builtin(store, mesh, backend),
         BackendType::Provided => {
-            let conf = backend
-                .provided_conf()
-                .ok_or_else(|| backend_error(mesh, &backend.name, "conf: cert and key are required"))?;
+            let conf = backend.provided_conf().ok_or_else(|| {
+                backend_error(mesh, &backend.name, "conf: cert and key are required")
+            })?;
             let cert = source(&conf.cert)
                 .map_err(|e| backend_error(mesh, &backend.name, format!("conf.cert: {e}")))?;
             let key = source(&conf.key)
@@ -139,8 +143,12 @@ fn source(ds: &DataSource) -> Result<Source, String> {
             inline_string: Some(s),
             ..
         } => Ok(Source::Inline(s.clone())),
-        DataSource { inline: Some(b), .. } => Ok(Source::InlineBase64(b.clone())),
-        DataSource { secret: Some(s), .. } => Err(format!(
+        DataSource {
+            inline: Some(b), ..
+        } => Ok(Source::InlineBase64(b.clone())),
+        DataSource {
+            secret: Some(s), ..
+        } => Err(format!(
             "secret {s:?}: Secret resources are not supported yet; give a file or inlineString"
         )),
         _ => Err("one of file, inline or inlineString is required".to_owned()),
@@ -149,14 +157,18 @@ fn source(ds: &DataSource) -> Result<Source, String> {
 
 fn builtin(store: &dyn Store, mesh: &str, backend: &MtlsBackend) -> Result<CaMaterial> {
     let key = ResourceKey::new(CA_KIND, mesh, &backend.name);
-    let corrupt = |e: serde_json::Error| backend_error(mesh, &backend.name, format!("stored CA is unreadable: {e}"));
+    let corrupt = |e: serde_json::Error| {
+        backend_error(mesh, &backend.name, format!("stored CA is unreadable: {e}"))
+    };
     if let Some(r) = store.get(&key)? {
         return serde_json::from_slice(&r.body).map_err(corrupt);
     }
     let conf = backend.builtin_conf().unwrap_or_default();
     let ca_cert = conf.ca_cert.unwrap_or_default();
     let opts = BuiltinOptions {
-        rsa_bits: ca_cert.rsa_bits.map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
+        rsa_bits: ca_cert
+            .rsa_bits
+            .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
         expiration: match ca_cert.expiration.as_deref() {
             Some(s) => Some(parse_duration(s).map_err(|e| {
                 backend_error(mesh, &backend.name, format!("conf.caCert.expiration: {e}"))
@@ -175,7 +187,11 @@ fn builtin(store: &dyn Store, mesh: &str, backend: &MtlsBackend) -> Result<CaMat
         // Another task generated it first: use theirs, so there is only ever one root.
         Err(store::Error::Conflict { .. }) => match store.get(&key)? {
             Some(r) => serde_json::from_slice(&r.body).map_err(corrupt),
-            None => Err(backend_error(mesh, &backend.name, "root vanished while being created")),
+            None => Err(backend_error(
+                mesh,
+                &backend.name,
+                "root vanished while being created",
+            )),
         },
         Err(e) => Err(e.into()),
     }

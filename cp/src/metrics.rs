@@ -29,6 +29,34 @@ pub struct Metrics {
     pub store_changes: Counter,
     /// 1 once the control plane serves.
     pub up: Gauge,
+    /// Dataplane streams open now.
+    pub dp_streams: Gauge,
+    /// Certificates issued to dataplanes.
+    pub certs_issued: Counter,
+    /// Certify and stream requests refused, by reason class.
+    pub dp_refused: Family<ReasonLabels, Counter>,
+    /// Configs (complete or delta) sent to dataplanes.
+    pub configs_sent: Family<BodyLabels, Counter>,
+    /// ACKs received.
+    pub acks: Counter,
+    /// NACKs received.
+    pub nacks: Counter,
+    /// Streams closed by the control plane, by reason class.
+    pub streams_closed: Family<ReasonLabels, Counter>,
+}
+
+/// Labels naming why something was refused or closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// e.g. `unauthenticated`, `revoked`, `deleted`.
+    pub reason: String,
+}
+
+/// Labels of `weft_cp_dp_configs_sent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BodyLabels {
+    /// `full` or `delta`.
+    pub kind: String,
 }
 
 impl Default for Metrics {
@@ -44,11 +72,60 @@ impl Default for Metrics {
         );
         let up = Gauge::default();
         registry.register("up", "1 once the control plane serves", up.clone());
+        let dp_streams = Gauge::default();
+        registry.register(
+            "dp_streams",
+            "Dataplane streams open now",
+            dp_streams.clone(),
+        );
+        let certs_issued = Counter::default();
+        registry.register(
+            "dp_certs_issued",
+            "Certificates issued to dataplanes",
+            certs_issued.clone(),
+        );
+        let dp_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "dp_refused",
+            "Dataplane requests refused, by reason",
+            dp_refused.clone(),
+        );
+        let configs_sent = Family::<BodyLabels, Counter>::default();
+        registry.register(
+            "dp_configs_sent",
+            "Configs sent to dataplanes, complete or delta",
+            configs_sent.clone(),
+        );
+        let acks = Counter::default();
+        registry.register(
+            "dp_acks",
+            "Config versions ACKed by dataplanes",
+            acks.clone(),
+        );
+        let nacks = Counter::default();
+        registry.register(
+            "dp_nacks",
+            "Config versions NACKed by dataplanes",
+            nacks.clone(),
+        );
+        let streams_closed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "dp_streams_closed",
+            "Dataplane streams closed by the control plane, by reason",
+            streams_closed.clone(),
+        );
         Metrics {
             registry,
             api_requests,
             store_changes,
             up,
+            dp_streams,
+            certs_issued,
+            dp_refused,
+            configs_sent,
+            acks,
+            nacks,
+            streams_closed,
         }
     }
 }

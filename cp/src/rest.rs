@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use time::format_description::well_known::Rfc3339;
 
+use crate::insight;
 use crate::metrics::Metrics;
 use crate::model::{FieldError, Kind, Resource, normalise_key};
 use crate::store::{self, Precondition, ResourceKey, Store, StoredResource};
@@ -400,7 +401,14 @@ async fn overview(
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     let q = ListQuery::parse(&pairs)?;
-    let (items, total) = select(&st, Kind::Dataplane, mesh, &q).await?;
+    let (items, total) = select(&st, Kind::Dataplane, mesh.clone(), &q).await?;
+    let insights = blocking(&st, move |s| {
+        insight::load_all(s, mesh.as_deref()).map_err(|e| match e {
+            insight::Error::Store(e) => e,
+            other => store::Error::Backend(other.to_string()),
+        })
+    })
+    .await?;
     let mut out = Vec::with_capacity(items.len());
     for r in &items {
         let dp = render(r)?;
@@ -411,14 +419,34 @@ async fn overview(
         o.insert("creationTime".into(), dp["creationTime"].clone());
         o.insert("modificationTime".into(), dp["modificationTime"].clone());
         o.insert("dataplane".into(), dp);
-        // Insights come from the dataplane server; a dataplane that never connected has none.
-        o.insert("dataplaneInsight".into(), json!({ "status": "Offline" }));
+        // A dataplane that never connected has no insight: it is Offline.
+        let i = insights
+            .get(&(r.key.mesh.clone(), r.key.name.clone()))
+            .cloned()
+            .unwrap_or_default();
+        o.insert("dataplaneInsight".into(), insight_json(&i));
         out.push(Value::Object(o));
     }
     Ok(Json(json!({ "total": total, "items": out, "next": null })).into_response())
 }
 
+/// An insight as the API shows it: without the CP's internal session id.
+fn insight_json(i: &insight::Insight) -> Value {
+    let mut v = serde_json::to_value(i).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("session");
+    }
+    v
+}
+
 async fn mesh_insights(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let online = blocking(&st, |s| {
+        insight::load_all(s, None).map_err(|e| match e {
+            insight::Error::Store(e) => e,
+            other => store::Error::Backend(other.to_string()),
+        })
+    })
+    .await?;
     let (meshes, dataplanes, policies) = blocking(&st, |s| {
         let meshes = s.list(Kind::Mesh.type_name(), None)?;
         let dataplanes = s.list(Kind::Dataplane.type_name(), None)?;
@@ -434,6 +462,15 @@ async fn mesh_insights(State(st): State<ApiState>) -> Result<Response, ApiError>
         let body: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
         let name = &m.key.name;
         let total = dataplanes.iter().filter(|d| &d.key.mesh == name).count();
+        let up = dataplanes
+            .iter()
+            .filter(|d| &d.key.mesh == name)
+            .filter(|d| {
+                online
+                    .get(&(d.key.mesh.clone(), d.key.name.clone()))
+                    .is_some_and(|i| i.status == insight::Status::Online)
+            })
+            .count();
         let mut by_type = Map::new();
         for p in policies.iter().filter(|p| &p.key.mesh == name) {
             let e = by_type
@@ -445,7 +482,7 @@ async fn mesh_insights(State(st): State<ApiState>) -> Result<Response, ApiError>
             "type": "MeshInsight",
             "name": name,
             "mtls": body.pointer("/mtls/enabledBackend").cloned().unwrap_or(Value::Null),
-            "dataplanes": { "total": total, "online": 0, "offline": total },
+            "dataplanes": { "total": total, "online": up, "offline": total - up },
             "policies": by_type,
         }));
     }

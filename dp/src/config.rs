@@ -1,10 +1,21 @@
 //! `weft-dp`'s configuration: `/etc/weft/dp/<name>.toml`, strictly parsed (unknown keys are
 //! errors), each key overridable by the flag of the same name.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+
+#[cfg(test)]
+mod tests;
+
+/// Default cap of the reconnect backoff: a dataplane is back in sync within a few seconds of
+/// the control plane returning.
+pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Default period of the status report on the discovery stream.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A bad configuration. `weft-dp` exits 64 on any of these, before binding anything.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,13 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// Admin listener (`/ready`, `/config`, `/metrics`); default 127.0.0.1 on a free port.
     pub admin_address: Option<SocketAddr>,
+    /// Values for `{{ var }}` templates in the dataplane file (`[dataplane_vars]`,
+    /// `--dataplane-var k=v`). Flags add to (and override single keys of) the file's table.
+    pub dataplane_vars: Option<BTreeMap<String, String>>,
+    /// Cap of the exponential reconnect backoff, a duration such as `"3s"`.
+    pub reconnect_max_backoff: Option<String>,
+    /// How often the dataplane reports its status on the discovery stream, e.g. `"10s"`.
+    pub status_interval: Option<String>,
 }
 
 /// A checked configuration.
@@ -57,7 +75,7 @@ pub struct Config {
     /// Control plane URL (https).
     pub cp_address: String,
     /// CA bundle pinning the control plane.
-    pub ca_cert_file: Option<PathBuf>,
+    pub ca_cert_file: PathBuf,
     /// The Dataplane resource file.
     pub dataplane_file: PathBuf,
     /// Token file for the first join.
@@ -66,6 +84,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Admin listener.
     pub admin_address: SocketAddr,
+    /// Values for `{{ var }}` templates in the dataplane file.
+    pub dataplane_vars: BTreeMap<String, String>,
+    /// Cap of the exponential reconnect backoff.
+    pub reconnect_max_backoff: Duration,
+    /// Period of the status report.
+    pub status_interval: Duration,
 }
 
 impl FileConfig {
@@ -86,8 +110,14 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))
     }
 
-    /// Fills every key that `over` sets (flags win over the file).
+    /// Fills every key that `over` sets (flags win over the file). `dataplane_vars` are merged
+    /// key by key.
     pub fn overlay(mut self, over: FileConfig) -> FileConfig {
+        if let Some(vars) = over.dataplane_vars {
+            self.dataplane_vars
+                .get_or_insert_with(BTreeMap::new)
+                .extend(vars);
+        }
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
@@ -97,7 +127,9 @@ impl FileConfig {
             dataplane_file,
             dataplane_token_file,
             state_dir,
-            admin_address
+            admin_address,
+            reconnect_max_backoff,
+            status_interval
         );
         self
     }
@@ -119,9 +151,34 @@ impl FileConfig {
                 ),
             });
         }
+        let ca_cert_file = self.ca_cert_file.ok_or_else(|| Error::Invalid {
+            field: "ca_cert_file".into(),
+            message: "is required (in the config file or as --ca-cert-file): the dataplane \
+                      verifies the control plane's certificate against it"
+                .into(),
+        })?;
+        let reconnect_max_backoff = duration(
+            "reconnect_max_backoff",
+            self.reconnect_max_backoff.as_deref(),
+            DEFAULT_RECONNECT_MAX_BACKOFF,
+        )?;
+        let status_interval = duration(
+            "status_interval",
+            self.status_interval.as_deref(),
+            DEFAULT_STATUS_INTERVAL,
+        )?;
+        let dataplane_vars = self.dataplane_vars.unwrap_or_default();
+        if let Some(k) = dataplane_vars.keys().find(|k| !is_var_name(k)) {
+            return Err(Error::Invalid {
+                field: "dataplane_vars".into(),
+                message: format!(
+                    "{k:?} is not a variable name (letters, digits, `_`, `-` and `.` only)"
+                ),
+            });
+        }
         Ok(Config {
             cp_address,
-            ca_cert_file: self.ca_cert_file,
+            ca_cert_file,
             dataplane_file: self
                 .dataplane_file
                 .ok_or_else(|| missing("dataplane_file"))?,
@@ -130,48 +187,52 @@ impl FileConfig {
             admin_address: self
                 .admin_address
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dataplane_vars,
+            reconnect_max_backoff,
+            status_interval,
         })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Whether `name` can be used as a `{{ name }}` template variable.
+pub fn is_var_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
 
-    #[test]
-    fn full_file_and_flag_overlay() {
-        let f = FileConfig::parse(
-            "cp_address = \"https://cp:5678\"\ndataplane_file = \"/etc/weft/dp/web.yaml\"\nstate_dir = \"/var/lib/weft/dp/web\"\n",
-        )
-        .unwrap();
-        let c = f
-            .overlay(FileConfig {
-                state_dir: Some("/tmp/s".into()),
-                ..Default::default()
-            })
-            .check()
-            .unwrap();
-        assert_eq!(c.state_dir, PathBuf::from("/tmp/s"));
-        assert!(c.admin_address.ip().is_loopback());
-        assert_eq!(
-            c.admin_address.port(),
-            0,
-            "a free port by default: dataplanes on one host never clash"
-        );
+/// Parses a `--dataplane-var` flag value, `key=value`.
+pub fn parse_var(flag: &str) -> Result<(String, String)> {
+    let invalid = |message: String| Error::Invalid {
+        field: "dataplane_vars".into(),
+        message,
+    };
+    let (k, v) = flag
+        .split_once('=')
+        .ok_or_else(|| invalid(format!("{flag:?} is not of the form key=value")))?;
+    let k = k.trim();
+    if !is_var_name(k) {
+        return Err(invalid(format!(
+            "{k:?} is not a variable name (letters, digits, `_`, `-` and `.` only)"
+        )));
     }
+    Ok((k.to_owned(), v.to_owned()))
+}
 
-    #[test]
-    fn unknown_key_and_missing_values_are_named() {
-        let e = FileConfig::parse("cp_adress = \"x\"\n").unwrap_err();
-        assert!(e.to_string().contains("cp_adress"), "{e}");
-        let e = FileConfig::default().check().unwrap_err();
-        assert!(e.to_string().contains("cp_address"), "{e}");
-        let e = FileConfig {
-            cp_address: Some("http://cp:5678".into()),
-            ..Default::default()
-        }
-        .check()
-        .unwrap_err();
-        assert!(e.to_string().contains("https://"), "{e}");
+fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(text).map_err(|e| Error::Invalid {
+        field: field.to_owned(),
+        message: format!("{text:?} is not a duration such as \"3s\" or \"500ms\": {e}"),
+    })?;
+    if d.is_zero() {
+        return Err(Error::Invalid {
+            field: field.to_owned(),
+            message: "must be greater than zero".into(),
+        });
     }
+    Ok(d)
 }

@@ -2,7 +2,8 @@
 //!
 //! The private key never leaves the VM: it is generated here, kept in the state directory
 //! with mode 0600 (written atomically, never readable by others even for an instant), and
-//! only a CSR carrying the SPIFFE ids goes to the CP.
+//! only a CSR carrying the SPIFFE ids goes to the CP. [`manager`] keeps the certificate the
+//! CP signs for it valid.
 
 use std::{
     fs::{self, OpenOptions},
@@ -13,11 +14,16 @@ use std::{
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 
+pub mod manager;
 #[cfg(test)]
 mod tests;
 
 /// File name of the private key in the state directory.
 pub const KEY_FILE: &str = "key.pem";
+/// File name of the certificate chain in the state directory.
+pub const CERT_FILE: &str = "cert.pem";
+/// File name of the mesh trust bundle in the state directory.
+pub const BUNDLE_FILE: &str = "bundle.pem";
 
 /// A private key, PKCS#8 PEM.
 pub type KeyPem = String;

@@ -1,10 +1,14 @@
-//! `weft-dp`: the weft dataplane proxy. Thin: parse flags, load config (exit 64 when bad).
+//! `weft-dp`: the weft dataplane proxy. Thin: install the crypto provider, parse flags, load
+//! and check the config and the Dataplane file (exit 64 when bad, before binding anything),
+//! then run until SIGTERM or SIGINT.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use weft_dp::config::FileConfig;
+use weft_dp::app;
+use weft_dp::config::{Config, FileConfig, parse_var};
 
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -17,7 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check the configuration (file plus flags) and exit: 0 if valid, 64 with the reason if not.
+    /// Join the mesh and serve until SIGTERM/SIGINT.
+    Run(Flags),
+    /// Check the configuration (file plus flags) and the Dataplane file, and exit: 0 if valid,
+    /// 64 with the reason if not.
     Validate(Flags),
 }
 
@@ -32,32 +39,40 @@ struct Flags {
     /// PEM CA bundle that signed the control plane's certificate.
     #[arg(long)]
     ca_cert_file: Option<PathBuf>,
-    /// Dataplane resource file (Kuma universal YAML).
+    /// Dataplane resource file (Kuma universal YAML, `{{ var }}` templates allowed).
     #[arg(long)]
     dataplane_file: Option<PathBuf>,
+    /// A value for a `{{ var }}` template in the dataplane file, `key=value`; repeatable.
+    #[arg(long = "dataplane-var", value_name = "KEY=VALUE")]
+    dataplane_vars: Vec<String>,
     /// Dataplane token file, needed for the first join only.
     #[arg(long)]
     dataplane_token_file: Option<PathBuf>,
-    /// State directory for the key and certificate.
+    /// State directory for the key, certificate and last config.
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Admin listener address (default 127.0.0.1 on a free port).
     #[arg(long)]
     admin_address: Option<std::net::SocketAddr>,
+    /// Cap of the reconnect backoff, e.g. 3s.
+    #[arg(long)]
+    reconnect_max_backoff: Option<String>,
+    /// Period of the status report, e.g. 10s.
+    #[arg(long)]
+    status_interval: Option<String>,
 }
 
-fn main() -> ExitCode {
-    let Command::Validate(f) = Cli::parse().command;
+fn load(f: Flags) -> Result<Config, String> {
     let base = match &f.config {
-        Some(p) => match FileConfig::load(p) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("weft-dp: {e}");
-                return ExitCode::from(EXIT_BAD_CONFIG);
-            }
-        },
+        Some(p) => FileConfig::load(p).map_err(|e| e.to_string())?,
         None => FileConfig::default(),
     };
+    let vars = f
+        .dataplane_vars
+        .iter()
+        .map(|v| parse_var(v))
+        .collect::<Result<BTreeMap<_, _>, _>>()
+        .map_err(|e| e.to_string())?;
     let flags = FileConfig {
         cp_address: f.cp_address,
         ca_cert_file: f.ca_cert_file,
@@ -65,19 +80,79 @@ fn main() -> ExitCode {
         dataplane_token_file: f.dataplane_token_file,
         state_dir: f.state_dir,
         admin_address: f.admin_address,
+        dataplane_vars: (!vars.is_empty()).then_some(vars),
+        reconnect_max_backoff: f.reconnect_max_backoff,
+        status_interval: f.status_interval,
     };
-    match base.overlay(flags).check() {
-        Ok(c) => {
-            println!(
-                "valid: control plane {}, dataplane {}",
-                c.cp_address,
-                c.dataplane_file.display()
-            );
-            ExitCode::SUCCESS
+    base.overlay(flags).check().map_err(|e| e.to_string())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
         }
         Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Ignoring the result is right: it only fails when a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (run, flags) = match Cli::parse().command {
+        Command::Run(f) => (true, f),
+        Command::Validate(f) => (false, f),
+    };
+    init_tracing();
+    let checked = match load(flags).and_then(|c| app::check(c).map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(e) => {
             eprintln!("weft-dp: {e}");
-            ExitCode::from(EXIT_BAD_CONFIG)
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if !run {
+        println!(
+            "valid: control plane {}, dataplane {}/{} ({})",
+            checked.config.cp_address,
+            checked.dataplane.mesh,
+            checked.dataplane.name,
+            checked.config.dataplane_file.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weft-dp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run_checked(checked, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-dp: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,260 @@
+//! The dataplane server (port 5678): gRPC over TLS with the `Identity` and `Discovery`
+//! services of `weft.v1`.
+//!
+//! - `certify` signs a dataplane's CSR after authenticating it by token or by the
+//!   certificate an earlier call issued (`auth`).
+//! - `stream` runs one session per connected dataplane: registration of its Dataplane,
+//!   compiled config pushed as complete configs then deltas (`compile`), the ACK/NACK state
+//!   (`ack`), insights, and closing the stream at once when its token is revoked or its
+//!   Dataplane deleted.
+//! - `tls` holds the serving certificate and the per-mesh handling of client certificates.
+//!
+//! TLS handshakes run in their own tasks behind a concurrency limit, so a CP that comes back
+//! to many reconnecting dataplanes accepts them at the pace it can sign and compile for.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_api::v1::discovery_response::close::Code as CloseCode;
+use weft_api::v1::discovery_server::DiscoveryServer;
+use weft_api::v1::identity_server::IdentityServer;
+
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub mod ack;
+pub mod auth;
+pub mod certify;
+pub mod compile;
+pub mod gc;
+pub mod stream;
+pub mod tls;
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 64;
+/// CSRs being signed at once.
+const MAX_SIGNING: usize = 16;
+
+/// Tunables of the dataplane server.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Resend an unanswered config after this long.
+    pub ack_timeout: Duration,
+    /// How long the first message (`Hello`) may take.
+    pub hello_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ack_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A live session, as the registry knows it.
+struct SessionHandle {
+    id: u64,
+    close: watch::Sender<Option<(CloseCode, String)>>,
+}
+
+/// State shared by the handlers.
+pub struct DpServer {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) index: Arc<Index>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: Settings,
+    pub(crate) signing: Semaphore,
+    sessions: Mutex<HashMap<(String, String), SessionHandle>>,
+    next_session: AtomicU64,
+    draining: watch::Sender<bool>,
+    /// Sessions outlive the request that opened them and need their own handle.
+    pub(crate) this: std::sync::Weak<DpServer>,
+}
+
+impl DpServer {
+    /// A server over `store`, compiling from `index`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        index: Arc<Index>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Arc<DpServer> {
+        Arc::new_cyclic(|this| DpServer {
+            this: this.clone(),
+            store,
+            index,
+            metrics,
+            settings,
+            signing: Semaphore::new(MAX_SIGNING),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            draining: watch::channel(false).0,
+        })
+    }
+
+    /// Runs `f` on the store off the async threads.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> T + Send + 'static,
+    ) -> Result<T, tonic::Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| tonic::Status::internal(format!("store task failed: {e}")))
+    }
+
+    /// Registers a new session for `mesh`/`name`, closing any older one of the same
+    /// dataplane; returns its id and the receiver of its close signal.
+    pub(crate) fn open_session(
+        &self,
+        mesh: &str,
+        name: &str,
+    ) -> (u64, watch::Receiver<Option<(CloseCode, String)>>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        if *self.draining.borrow() {
+            tx.send_replace(Some((
+                CloseCode::Draining,
+                "control plane is shutting down".into(),
+            )));
+        }
+        // The lock guards a map update only; it is never held across an await.
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = map.insert(
+            (mesh.to_owned(), name.to_owned()),
+            SessionHandle { id, close: tx },
+        ) {
+            old.close.send_replace(Some((
+                CloseCode::Replaced,
+                "another stream for this dataplane replaced this one".into(),
+            )));
+        }
+        (id, rx)
+    }
+
+    /// Forgets session `id` of `mesh`/`name` if it is still the current one; returns whether
+    /// it was.
+    pub(crate) fn close_session(&self, mesh: &str, name: &str, id: u64) -> bool {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (mesh.to_owned(), name.to_owned());
+        if map.get(&key).is_some_and(|h| h.id == id) {
+            map.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `mesh`/`name` has a live session.
+    pub fn is_connected(&self, mesh: &str, name: &str) -> bool {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(&(mesh.to_owned(), name.to_owned()))
+    }
+
+    /// Asks every session to close with `Draining`.
+    fn drain(&self) {
+        self.draining.send_replace(true);
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for h in map.values() {
+            h.close.send_replace(Some((
+                CloseCode::Draining,
+                "control plane is shutting down".into(),
+            )));
+        }
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Serves the dataplane server on `listener` until `shutdown` resolves; open streams are sent
+/// a `Close { code: DRAINING }` and end.
+pub async fn serve(
+    server: Arc<DpServer>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let accept = tokio::spawn({
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            loop {
+                let permit = tokio::select! {
+                    p = handshakes.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    () = stopped(&mut stop_rx) => return,
+                };
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dataplane server: accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = stopped(&mut stop_rx) => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let conn_tx = conn_tx.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(permit);
+                    match r {
+                        Ok(Ok(tls)) => {
+                            let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "dataplane server: TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "dataplane server: TLS handshake timed out")
+                        }
+                    }
+                });
+            }
+        }
+    });
+
+    let s = server.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        s.drain();
+        let _ = stop_tx.send(true);
+    });
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(IdentityServer::from_arc(server.clone()))
+        .add_service(DiscoveryServer::from_arc(server.clone()));
+    // Sessions close themselves on drain; give them a moment to send their Close.
+    let stopped = async move {
+        stopped(&mut stop_rx).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    router
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), stopped)
+        .await?;
+    accept.abort();
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Wiring: builds every part of the dataplane from a checked [`Config`] and runs them until
+//! shutdown.
+//!
+//! Startup order: read the Dataplane file and the CP's CA (errors here are the caller's to
+//! report as bad config), load or create the key, load the persisted config and any reusable
+//! certificate, bind the admin listener and write its address to `<state-dir>/admin-address`,
+//! then start the inbound probes, the identity manager and the discovery client.
+//!
+//! Files in the state directory: `key.pem` (0600), `cert.pem`, `bundle.pem`, `config.json`,
+//! `admin-address`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::cp::CpEndpoint;
+use crate::dataplane::Dataplane;
+use crate::discovery::{self, ack::AckState};
+use crate::identity::{
+    self,
+    manager::{self, GrpcCertifier, Manager},
+};
+use crate::metrics::Metrics;
+use crate::probe;
+
+/// File in the state directory holding the admin server's actual `host:port`.
+pub const ADMIN_ADDRESS_FILE: &str = "admin-address";
+
+/// How long shutdown waits for the tasks to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the dataplane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Dataplane file is unusable.
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::Error),
+    /// The CA file could not be read.
+    #[error("cannot read --ca-cert-file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The CA file holds no usable certificate.
+    #[error("--ca-cert-file {path}: {source}")]
+    CaPem {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: crate::model::Error,
+    },
+    /// The CP address is unusable.
+    #[error(transparent)]
+    Cp(#[from] crate::cp::Error),
+    /// The key or a state file could not be read or written.
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    /// The admin listener could not be bound.
+    #[error("cannot bind the admin listener on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything checked before anything is bound: what `weft-dp validate` checks too.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The configuration.
+    pub config: Config,
+    /// The Dataplane file after substitution.
+    pub dataplane: Arc<Dataplane>,
+    /// The control plane endpoint.
+    pub cp: CpEndpoint,
+}
+
+/// Reads and checks the Dataplane file, the CA file and the CP address.
+pub fn check(config: Config) -> Result<Checked> {
+    let dataplane = Dataplane::load(&config.dataplane_file, &config.dataplane_vars)?;
+    let ca_pem = std::fs::read_to_string(&config.ca_cert_file).map_err(|source| Error::CaFile {
+        path: config.ca_cert_file.clone(),
+        source,
+    })?;
+    crate::model::check_certificates("certificates", &ca_pem).map_err(|source| Error::CaPem {
+        path: config.ca_cert_file.clone(),
+        source,
+    })?;
+    let cp = CpEndpoint::new(&config.cp_address, ca_pem)?;
+    Ok(Checked {
+        config,
+        dataplane: Arc::new(dataplane),
+        cp,
+    })
+}
+
+/// Runs the dataplane until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_checked(check(config)?, shutdown).await
+}
+
+/// Runs an already checked dataplane until `shutdown` completes.
+pub async fn run_checked(
+    checked: Checked,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let Checked {
+        config,
+        dataplane,
+        cp,
+    } = checked;
+    let state_dir = config.state_dir.clone();
+    let key_pem = identity::load_or_create_key(&state_dir)?;
+    let metrics = Arc::new(Metrics::new());
+
+    let persisted = discovery::load_persisted(&state_dir);
+    let ack = AckState::new(&dataplane.mesh, &dataplane.name, persisted);
+    let (config_tx, config_rx) = watch::channel(ack.current().cloned());
+    if let Some(a) = ack.current() {
+        info!(
+            version = a.version,
+            "serving the persisted config until the control plane answers"
+        );
+    }
+    let existing = manager::load_existing(
+        &state_dir,
+        &key_pem,
+        &dataplane.spiffe_ids(),
+        manager::now_unix(),
+    );
+    let (creds_tx, creds_rx) = watch::channel(existing.map(Arc::new));
+    let (attempted_tx, attempted_rx) = watch::channel(false);
+    let targets: Vec<probe::Target> = dataplane.inbounds.iter().map(Into::into).collect();
+    let (health_tx, health_rx) = watch::channel(probe::initial(&targets));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(config.admin_address)
+        .await
+        .map_err(|source| Error::Bind {
+            address: config.admin_address,
+            source,
+        })?;
+    let admin_address = listener.local_addr().map_err(|source| Error::Bind {
+        address: config.admin_address,
+        source,
+    })?;
+    identity::write_private(
+        &state_dir.join(ADMIN_ADDRESS_FILE),
+        &format!("{admin_address}\n"),
+    )?;
+    info!(%admin_address, dataplane = dataplane.name, mesh = dataplane.mesh, "admin server listening");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let state = AdminState {
+            config: config_rx.clone(),
+            creds: creds_rx.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = admin::serve(listener, state, stop).await {
+                warn!(error = %e, "admin server failed");
+            }
+        });
+    }
+    tasks.spawn(probe::run(
+        targets,
+        health_tx,
+        probe::PERIOD,
+        shutdown_rx.clone(),
+    ));
+    let manager = Manager::new(
+        GrpcCertifier::new(cp.clone()),
+        dataplane.clone(),
+        manager::Settings {
+            state_dir: state_dir.clone(),
+            token_file: config.dataplane_token_file.clone(),
+            key_pem,
+            max_backoff: config.reconnect_max_backoff,
+        },
+        creds_tx,
+        attempted_tx,
+        metrics.clone(),
+    );
+    tasks.spawn(manager.run(config_rx.clone(), shutdown_rx.clone()));
+    let client = discovery::Client::new(
+        cp,
+        dataplane,
+        discovery::Settings {
+            state_dir,
+            token_file: config.dataplane_token_file.clone(),
+            admin_address: admin_address.to_string(),
+            max_backoff: config.reconnect_max_backoff,
+            status_interval: config.status_interval,
+        },
+        discovery::Channels {
+            creds: creds_rx,
+            cert_attempted: attempted_rx,
+            health: health_rx,
+            config: config_tx,
+            shutdown: shutdown_rx,
+        },
+        metrics,
+        ack,
+    );
+    tasks.spawn(client.run());
+
+    shutdown.await;
+    info!("shutting down");
+    shutdown_tx.send_replace(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; aborting them");
+        tasks.abort_all();
+    }
+    Ok(())
+}
