@@ -238,7 +238,8 @@ pub(crate) fn mesh_insights_table(items: &[Value]) -> String {
 }
 
 /// The table of `weftctl inspect dataplanes`: an absent insight means the dataplane never
-/// connected, shown as `Offline`.
+/// connected, shown as `Offline`. Inbound health is its own column, apart from the connection
+/// status; the last column is the config the dataplane runs, or the NACK it last sent.
 pub(crate) fn dataplane_overview_table(items: &[Value], now: OffsetDateTime) -> String {
     let rows: Vec<Vec<String>> = items
         .iter()
@@ -260,6 +261,32 @@ pub(crate) fn dataplane_overview_table(items: &[Value], now: OffsetDateTime) -> 
                 }
                 _ => NONE.to_string(),
             };
+            let renewals = field("certRenewals")
+                .and_then(Value::as_u64)
+                .map_or_else(|| NONE.to_string(), |n| n.to_string());
+            let health = match field("inboundHealth").and_then(Value::as_object) {
+                Some(h) if !h.is_empty() => {
+                    let ready = h.values().filter(|v| v.as_bool() == Some(true)).count();
+                    format!("{ready}/{} ready", h.len())
+                }
+                _ => NONE.to_string(),
+            };
+            let version = field("dpVersion")
+                .and_then(Value::as_str)
+                .unwrap_or(NONE)
+                .to_string();
+            let config = field("config");
+            let cfg = |k: &str| config.and_then(|c| c.get(k)).and_then(Value::as_str);
+            let short = |v: &str| v.chars().take(12).collect::<String>();
+            let config = match (cfg("nacked"), cfg("acked")) {
+                (Some(n), _) => format!(
+                    "NACKED {}: {}",
+                    short(n),
+                    cfg("nackError").unwrap_or("no reason given")
+                ),
+                (None, Some(a)) => short(a),
+                (None, None) => NONE.to_string(),
+            };
             let mesh = str_field(item, &["mesh"]).or_else(|| str_field(dp, &["mesh"]));
             let name = str_field(item, &["name"]).or_else(|| str_field(dp, &["name"]));
             vec![
@@ -268,7 +295,11 @@ pub(crate) fn dataplane_overview_table(items: &[Value], now: OffsetDateTime) -> 
                 dataplane_tags(dp),
                 status.to_string(),
                 connected,
+                health,
                 expiry,
+                renewals,
+                version,
+                config,
             ]
         })
         .collect();
@@ -279,7 +310,11 @@ pub(crate) fn dataplane_overview_table(items: &[Value], now: OffsetDateTime) -> 
             "TAGS",
             "STATUS",
             "LAST-CONNECTED",
+            "INBOUNDS",
             "CERT-EXPIRY",
+            "CERT-RENEWALS",
+            "DP-VERSION",
+            "CONFIG",
         ],
         &rows,
     )

@@ -512,15 +512,22 @@ fn inspect_tables() {
         json!({"mesh": "default", "name": "web-1",
                "dataplane": {"networking": {"inbound": [{"tags": {"kuma.io/service": "web"}}]}},
                "dataplaneInsight": {"status": "Online", "connectedSince": "2025-01-10T11:58:00Z",
-                                    "certExpiry": "2025-01-11T12:00:00Z"}}),
+                                    "certExpiry": "2025-01-11T12:00:00Z", "certRenewals": 3,
+                                    "dpVersion": "0.1.0", "inboundHealth": {"20001": true, "20002": false},
+                                    "config": {"acked": "0123456789abcdef0123", "acks": 2}}}),
         json!({"mesh": "default", "name": "web-2",
+               "dataplane": {"networking": {"inbound": [{"tags": {"kuma.io/service": "web"}}]}},
+               "dataplaneInsight": {"status": "Offline",
+                                    "config": {"acked": "aaaa", "nacked": "bbbb", "nackError": "port 0"}}}),
+        json!({"mesh": "default", "name": "web-3",
                "dataplane": {"networking": {"inbound": [{"tags": {"kuma.io/service": "web"}}]}}}),
     ];
     assert_eq!(
         dataplane_overview_table(&overview, NOW),
-        "MESH      NAME    TAGS                  STATUS    LAST-CONNECTED   CERT-EXPIRY\n\
-         default   web-1   kuma.io/service=web   Online    2m ago           2025-01-11 12:00:00\n\
-         default   web-2   kuma.io/service=web   Offline   -                -\n"
+        "MESH      NAME    TAGS                  STATUS    LAST-CONNECTED   INBOUNDS    CERT-EXPIRY           CERT-RENEWALS   DP-VERSION   CONFIG\n\
+         default   web-1   kuma.io/service=web   Online    2m ago           1/2 ready   2025-01-11 12:00:00   3               0.1.0        0123456789ab\n\
+         default   web-2   kuma.io/service=web   Offline   -                -           -                     -               -            NACKED bbbb: port 0\n\
+         default   web-3   kuma.io/service=web   Offline   -                -           -                     -               -            -\n"
     );
 }
 
