@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::v1::discovery_response::close::Code as CloseCode;
@@ -27,8 +27,10 @@ use weft_api::v1::discovery_server::DiscoveryServer;
 use weft_api::v1::identity_server::IdentityServer;
 
 use crate::index::Index;
+use crate::keys::{self, REVOKED_TOKEN_KIND};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::model::Kind;
+use crate::store::{self, ChangeOp, ResourceKey, Store};
 
 pub mod ack;
 pub mod auth;
@@ -67,6 +69,8 @@ impl Default for Settings {
 struct SessionHandle {
     id: u64,
     close: watch::Sender<Option<(CloseCode, String)>>,
+    /// The token the dataplane joined with, to close the session when it is revoked.
+    token_id: Option<String>,
 }
 
 /// State shared by the handlers.
@@ -121,6 +125,7 @@ impl DpServer {
         &self,
         mesh: &str,
         name: &str,
+        token_id: Option<&str>,
     ) -> (u64, watch::Receiver<Option<(CloseCode, String)>>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
@@ -134,7 +139,11 @@ impl DpServer {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = map.insert(
             (mesh.to_owned(), name.to_owned()),
-            SessionHandle { id, close: tx },
+            SessionHandle {
+                id,
+                close: tx,
+                token_id: token_id.map(str::to_owned),
+            },
         ) {
             old.close.send_replace(Some((
                 CloseCode::Replaced,
@@ -161,6 +170,88 @@ impl DpServer {
     pub fn is_connected(&self, mesh: &str, name: &str) -> bool {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         map.contains_key(&(mesh.to_owned(), name.to_owned()))
+    }
+
+    /// Asks the sessions `select` picks to close, with `code` and `reason`.
+    fn close_where(
+        &self,
+        code: CloseCode,
+        reason: impl Fn(&(String, String)) -> String,
+        select: impl Fn(&(String, String), &SessionHandle) -> bool,
+    ) {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, h) in map.iter().filter(|(k, h)| select(k, h)) {
+            h.close.send_replace(Some((code, reason(k))));
+        }
+    }
+
+    /// Closes the sessions a store change ends: their Dataplane deleted, or the token they
+    /// joined with revoked. One task for all sessions, so a change costs one lookup, not one
+    /// wake-up per connected dataplane.
+    fn on_change(&self, c: &store::Change) {
+        let k = &c.key;
+        if c.op == ChangeOp::Delete && k.kind == Kind::Dataplane.type_name() {
+            self.close_where(
+                CloseCode::Deleted,
+                |(m, n)| format!("dataplane {n} of mesh {m} was deleted"),
+                |(m, n), _| *m == k.mesh && *n == k.name,
+            );
+        } else if c.op == ChangeOp::Put && k.kind == REVOKED_TOKEN_KIND {
+            self.close_where(
+                CloseCode::Revoked,
+                |(_, n)| format!("the token dataplane {n} joined with was revoked"),
+                |(m, _), h| *m == k.mesh && h.token_id.as_deref() == Some(k.name.as_str()),
+            );
+        }
+    }
+
+    /// After missing changes: checks every session's Dataplane and token against the store.
+    fn recheck_all(&self) {
+        let sessions: Vec<((String, String), Option<String>)> = {
+            let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .map(|(k, h)| (k.clone(), h.token_id.clone()))
+                .collect()
+        };
+        for ((mesh, name), jti) in sessions {
+            let key = ResourceKey::new(Kind::Dataplane.type_name(), &mesh, &name);
+            if matches!(self.store.get(&key), Ok(None)) {
+                self.on_change(&store::Change {
+                    key,
+                    op: ChangeOp::Delete,
+                    version: 0,
+                    revision: 0,
+                });
+            } else if let Some(j) = jti
+                && keys::is_revoked(self.store.as_ref(), &mesh, &j).unwrap_or(false)
+            {
+                self.on_change(&store::Change {
+                    key: ResourceKey::new(REVOKED_TOKEN_KIND, &mesh, &j),
+                    op: ChangeOp::Put,
+                    version: 0,
+                    revision: 0,
+                });
+            }
+        }
+    }
+
+    /// Follows the store's change feed for [`DpServer::on_change`] until it closes.
+    pub async fn watch_store(self: Arc<Self>) {
+        let mut feed = self.store.subscribe();
+        loop {
+            match feed.recv().await {
+                Ok(c) => self.on_change(&c),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "dataplane server fell behind the change feed; rechecking sessions"
+                    );
+                    let s = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.recheck_all()).await;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// Asks every session to close with `Draining`.
@@ -236,6 +327,7 @@ pub async fn serve(
         }
     });
 
+    let watcher = tokio::spawn(server.clone().watch_store());
     let s = server.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -256,5 +348,6 @@ pub async fn serve(
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), stopped)
         .await?;
     accept.abort();
+    watcher.abort();
     Ok(())
 }

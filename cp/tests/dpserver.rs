@@ -438,3 +438,149 @@ async fn a_certificate_authenticates_only_its_own_dataplane() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs a CP on `store` with its dataplane server on `dp_server` until `stop` fires.
+async fn run_cp(
+    store: Arc<dyn Store>,
+    tls_dir: &std::path::Path,
+    dp_server: SocketAddr,
+) -> Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<()>>,
+)> {
+    let config = Config {
+        store_type: StoreType::Memory,
+        api_address: "127.0.0.1:0".parse()?,
+        diagnostics_address: "127.0.0.1:0".parse()?,
+        dp_server_address: dp_server,
+        dp_server_tls_dir: tls_dir.to_owned(),
+        ..Config::default()
+    };
+    let listeners = Listeners::bind(&config).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(app::run(config, store, listeners, async move {
+        let _ = stopped.await;
+    }));
+    Ok((stop, done))
+}
+
+/// One simulated dataplane: connects (retrying every 50 ms, with no jitter: the worst case
+/// for the CP), says Hello with the shared token, ACKs its first config, reports it synced,
+/// and starts over when its stream ends.
+async fn simulated_dataplane(
+    i: usize,
+    dp_server: SocketAddr,
+    ca_pem: String,
+    token: String,
+    synced: mpsc::UnboundedSender<usize>,
+) {
+    let yaml = dataplane_yaml(&format!("dp-{i}"), "svc", 20000, None);
+    loop {
+        let attempt = async {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca_pem))
+                .domain_name("localhost");
+            let ch = Endpoint::from_shared(format!("https://{dp_server}"))?
+                .tls_config(tls)?
+                .connect()
+                .await?;
+            let mut s = Stream::open(ch, hello(&format!("dp-{i}"), yaml.clone(), &token))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let first = s.next(Duration::from_secs(120)).await?;
+            ensure!(matches!(first.kind, Some(Resp::Config(_))), "{first:?}");
+            s.ack(&first.version).await?;
+            let _ = synced.send(i);
+            // Hold the stream until the CP ends it.
+            while s.rx.message().await.ok().flatten().is_some() {}
+            anyhow::Ok(())
+        };
+        let _ = attempt.await;
+        if synced.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_synced(rx: &mut mpsc::UnboundedReceiver<usize>, n: usize, what: &str) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while seen.len() < n {
+        let i = timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            rx.recv(),
+        )
+        .await
+        .with_context(|| format!("{what}: only {} of {n} dataplanes in sync", seen.len()))?
+        .context("all dataplanes stopped")?;
+        seen.insert(i);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_cp_serves_1000_reconnecting_dataplanes() -> Result<()> {
+    const N: usize = 1000;
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let dp_server: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let tls_dir = dir.path().join("tls");
+    let (stop, done) = run_cp(store.clone(), &tls_dir, dp_server).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get(&ResourceKey::mesh("default"))?.is_none()
+        || !tls_dir.join("ca.pem").exists()
+        || tokio::net::TcpStream::connect(dp_server).await.is_err()
+    {
+        ensure!(Instant::now() < deadline, "the CP did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ca_pem = std::fs::read_to_string(tls_dir.join("ca.pem"))?;
+    let key = keys::current(store.as_ref(), "default")?;
+    let (token, _) = tokens::issue(
+        &key,
+        "default",
+        None,
+        BTreeMap::from([("kuma.io/service".to_owned(), vec!["svc".to_owned()])]),
+        Duration::from_secs(3600),
+        time::OffsetDateTime::now_utc(),
+    )?;
+
+    let (synced_tx, mut synced) = mpsc::unbounded_channel();
+    let mut dps = tokio::task::JoinSet::new();
+    for i in 0..N {
+        dps.spawn(simulated_dataplane(
+            i,
+            dp_server,
+            ca_pem.clone(),
+            token.clone(),
+            synced_tx.clone(),
+        ));
+    }
+    drop(synced_tx);
+    let t0 = Instant::now();
+    wait_synced(&mut synced, N, "first connect").await?;
+    let first = t0.elapsed();
+
+    // The CP goes away; every dataplane starts reconnecting at once.
+    let _ = stop.send(());
+    done.await??;
+    let (stop, done) = run_cp(store.clone(), &tls_dir, dp_server).await?;
+    let t0 = Instant::now();
+    wait_synced(&mut synced, N, "after the CP came back").await?;
+    let again = t0.elapsed();
+    eprintln!("{N} dataplanes in sync: first {first:?}, after a CP restart {again:?}");
+    let online = insight::load_all(store.as_ref(), Some("default"))?
+        .values()
+        .filter(|i| i.status == insight::Status::Online)
+        .count();
+    assert_eq!(online, N, "every dataplane is Online in its insight");
+    drop(synced);
+    dps.abort_all();
+    let _ = stop.send(());
+    done.await??;
+    Ok(())
+}

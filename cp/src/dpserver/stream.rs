@@ -6,14 +6,14 @@
 //!   it (`Inputs`: pointer comparisons, no compile when nothing it uses changed) and hands
 //!   it to the ACK/NACK state, which decides what to send (complete or delta);
 //! - records ACKs, NACKs and status reports in the dataplane's insight;
-//! - closes the stream at once when the dataplane's token is revoked, its Dataplane or mesh
-//!   is deleted, another stream replaces it, or the CP drains.
+//! - closes the stream at once when the registry asks it to (its token revoked, its Dataplane
+//!   or mesh deleted, another stream replaced it, the CP drains: see `DpServer::watch_store`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,10 +25,9 @@ use weft_api::v1::{
 
 use crate::index::{EndpointInfo, MeshView};
 use crate::insight::{self, Status as Online};
-use crate::keys::REVOKED_TOKEN_KIND;
 use crate::metrics::{BodyLabels, ReasonLabels};
 use crate::model::{Kind, Resource};
-use crate::store::{self, ChangeOp, Precondition, ResourceKey};
+use crate::store::{self, Precondition, ResourceKey};
 
 use super::DpServer;
 use super::ack::{AckState, Body, Outgoing};
@@ -79,7 +78,7 @@ impl Discovery for DpServer {
                 return Err(s);
             }
         };
-        let (id, close_rx) = self.open_session(&mesh, &name);
+        let (id, close_rx) = self.open_session(&mesh, &name, caller.token_id());
         let now = OffsetDateTime::now_utc();
         let (m, n) = (mesh.clone(), name.clone());
         let (dp_version, admin) = (hello.dp_version.clone(), hello.admin_address.clone());
@@ -107,7 +106,6 @@ impl Discovery for DpServer {
             mesh,
             name,
             id,
-            token_id: caller.token_id().map(str::to_owned),
             dataplane: Arc::new(dataplane),
             tx,
             ack: AckState::new(self.settings.ack_timeout),
@@ -275,7 +273,6 @@ struct Session {
     mesh: String,
     name: String,
     id: u64,
-    token_id: Option<String>,
     dataplane: Arc<Resource>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ack: AckState,
@@ -295,7 +292,6 @@ impl Session {
         mut close_rx: watch::Receiver<Option<(CloseCode, String)>>,
     ) {
         let mut views = self.server.index.subscribe(&self.mesh);
-        let mut changes = self.server.store.subscribe();
         views.mark_changed();
         let end = loop {
             let deadline = self.ack.deadline();
@@ -322,15 +318,6 @@ impl Session {
                         Some(v) => if let Err(e) = self.on_view(&v).await { break e },
                     }
                 }
-                c = changes.recv() => match c {
-                    Ok(c) => if let Some(e) = self.on_change(&c) { break e },
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Some(e) = self.recheck().await { break e }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        break End::Close(CloseCode::Draining, "store closed".into())
-                    }
-                },
                 (code, reason) = closed(&mut close_rx) => break End::Close(code, reason),
                 () = timer => match self.ack.on_timeout(Instant::now()) {
                     Ok(Some(o)) => if let Err(e) = self.send(o).await { break e },
@@ -502,57 +489,5 @@ impl Session {
             None => {}
         }
         Ok(())
-    }
-
-    fn on_change(&self, c: &store::Change) -> Option<End> {
-        let k = &c.key;
-        if k.kind == Kind::Dataplane.type_name()
-            && k.mesh == self.mesh
-            && k.name == self.name
-            && c.op == ChangeOp::Delete
-        {
-            return Some(End::Close(
-                CloseCode::Deleted,
-                format!("dataplane {} of mesh {} was deleted", self.name, self.mesh),
-            ));
-        }
-        if k.kind == REVOKED_TOKEN_KIND
-            && k.mesh == self.mesh
-            && c.op == ChangeOp::Put
-            && self.token_id.as_deref() == Some(k.name.as_str())
-        {
-            return Some(End::Close(
-                CloseCode::Revoked,
-                format!("the token dataplane {} joined with was revoked", self.name),
-            ));
-        }
-        None
-    }
-
-    /// After missing changes: checks directly whether the dataplane is still registered and
-    /// its token still valid.
-    async fn recheck(&self) -> Option<End> {
-        let (m, n, jti) = (self.mesh.clone(), self.name.clone(), self.token_id.clone());
-        let r = self
-            .server
-            .blocking(move |s| {
-                let dp = s
-                    .get(&ResourceKey::new(Kind::Dataplane.type_name(), &m, &n))
-                    .map(|d| d.is_some())
-                    .unwrap_or(true);
-                let revoked = jti
-                    .map(|j| crate::keys::is_revoked(s, &m, &j).unwrap_or(false))
-                    .unwrap_or(false);
-                (dp, revoked)
-            })
-            .await;
-        match r {
-            Ok((false, _)) => Some(End::Close(
-                CloseCode::Deleted,
-                "dataplane was deleted".into(),
-            )),
-            Ok((_, true)) => Some(End::Close(CloseCode::Revoked, "token was revoked".into())),
-            _ => None,
-        }
     }
 }
