@@ -244,28 +244,50 @@ fn uri_san(uri: &str) -> Result<SanType> {
     Ok(SanType::URI(ia5))
 }
 
+/// RSA key sizes a builtin root may have (Kuma's `conf.caCert.RSAbits`).
+pub const RSA_BITS: [u32; 3] = [2048, 3072, 4096];
+
+/// An RSA root key of `bits` (the `rsa` crate generates it, since ring cannot; ring signs).
+fn rsa_key(bits: u32) -> Result<KeyPair> {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    if !RSA_BITS.contains(&bits) {
+        return Err(Error::Unsupported(format!(
+            "conf.caCert.RSAbits {bits}: use one of 2048, 3072, 4096 (or omit it for ECDSA P-256)"
+        )));
+    }
+    let size = usize::try_from(bits).unwrap_or(2048);
+    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, size)
+        .map_err(|e| Error::Key(format!("generating a {bits}-bit RSA key: {e}")))?;
+    let pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .map_err(|e| Error::Key(format!("encoding the RSA key: {e}")))?;
+    KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).map_err(|source| {
+        Error::Crypto {
+            what: "loading the RSA root key",
+            source,
+        }
+    })
+}
+
 /// Generates a self-signed builtin root for `mesh`'s CA backend `backend`.
 ///
-/// ECDSA P-256 unless `opts.rsa_bits` is set (RSA generation is not available with this
-/// build's crypto backend and returns [`Error::Unsupported`]); valid for `opts.expiration`
-/// or 10 years.
+/// ECDSA P-256 unless `opts.rsa_bits` asks for RSA (2048, 3072 or 4096 bits); valid for
+/// `opts.expiration` or 10 years.
 pub fn generate_builtin_root(
     mesh: &str,
     backend: &str,
     opts: &BuiltinOptions,
 ) -> Result<CaMaterial> {
-    if let Some(bits) = opts.rsa_bits {
-        return Err(Error::Unsupported(format!(
-            "conf.caCert.RSAbits ({bits}): RSA key generation is not available in this build; \
-             omit it to get an ECDSA P-256 root, or use a provided CA with an RSA key"
-        )));
-    }
     let validity = to_time(opts.expiration.unwrap_or(DEFAULT_ROOT_VALIDITY))?;
-    let key =
-        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| Error::Crypto {
-            what: "generating the root key",
-            source,
-        })?;
+    let key = match opts.rsa_bits {
+        None => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+            Error::Crypto {
+                what: "generating the root key",
+                source,
+            }
+        })?,
+        Some(bits) => rsa_key(bits)?,
+    };
     let now = now();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();

@@ -70,7 +70,7 @@ fn builtin_root_is_a_p256_ca() {
 }
 
 #[test]
-fn builtin_root_honours_expiration_and_refuses_rsa() {
+fn builtin_root_honours_expiration_and_rsa_bits() {
     let opts = BuiltinOptions {
         rsa_bits: None,
         expiration: Some(Duration::from_secs(3600)),
@@ -83,8 +83,29 @@ fn builtin_root_honours_expiration_and_refuses_rsa() {
         rsa_bits: Some(2048),
         expiration: None,
     };
-    let err = generate_builtin_root("m", "b", &rsa).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(ref m) if m.contains("conf.caCert.RSAbits")));
+    let material = generate_builtin_root("m", "b", &rsa).unwrap();
+    let (_, pem) = parse_x509_pem(material.cert_pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    assert_eq!(
+        cert.public_key().algorithm.algorithm,
+        x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
+    );
+    // An RSA root signs P-256 leaves that chain to it.
+    let ca = Ca::from_material(&material).unwrap();
+    let leaf = ca
+        .sign_csr(&csr_for(&["spiffe://m/web"]), "m", &services(&["web"]), DAY)
+        .unwrap();
+    verify_chain(&leaf.cert_pem, ca.cert_pem()).unwrap();
+
+    let odd = BuiltinOptions {
+        rsa_bits: Some(1000),
+        expiration: None,
+    };
+    let err = generate_builtin_root("m", "b", &odd).unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported(ref m) if m.contains("RSAbits 1000")),
+        "{err}"
+    );
 }
 
 #[test]
