@@ -10,6 +10,9 @@ use crate::insight::{self, Status};
 use crate::model::Kind;
 use crate::store::{self, Precondition, ResourceKey, Store};
 
+#[cfg(test)]
+mod tests;
+
 /// Deletes every dataplane whose insight says Offline since before `now - max_age`; returns
 /// the (mesh, name) of each one deleted.
 pub fn sweep(
