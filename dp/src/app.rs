@@ -29,9 +29,14 @@ use crate::identity::{
 };
 use crate::metrics::Metrics;
 use crate::probe;
+use crate::proxy;
 
 /// File in the state directory holding the admin server's actual `host:port`.
 pub const ADMIN_ADDRESS_FILE: &str = "admin-address";
+
+/// How long a drain keeps accepting after reporting unready, so that other dataplanes learn
+/// it (through the CP) before connections are refused.
+pub const DRAIN_PROPAGATION: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits for the tasks to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -148,7 +153,10 @@ pub async fn run_checked(
     let (attempted_tx, attempted_rx) = watch::channel(false);
     let targets: Vec<probe::Target> = dataplane.inbounds.iter().map(Into::into).collect();
     let (health_tx, health_rx) = watch::channel(probe::initial(&targets));
+    let health_tx = Arc::new(health_tx);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Draining stops the probes and the listeners before everything else.
+    let (drain_tx, drain_rx) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(config.admin_address)
         .await
@@ -184,11 +192,29 @@ pub async fn run_checked(
         });
     }
     tasks.spawn(probe::run(
-        targets,
-        health_tx,
+        targets.clone(),
+        health_tx.clone(),
         probe::PERIOD,
+        drain_rx.clone(),
+    ));
+    let (tls_tx, tls_rx) = watch::channel(None);
+    tasks.spawn(proxy::tls_task(
+        dataplane.mesh.clone(),
+        creds_rx.clone(),
+        config_rx.clone(),
+        tls_tx,
         shutdown_rx.clone(),
     ));
+    let tracker = Arc::new(proxy::Tracker::default());
+    let proxy = proxy::Proxy {
+        dataplane: dataplane.clone(),
+        config: config_rx.clone(),
+        tls: tls_rx,
+        metrics: metrics.proxy.clone(),
+        transport: Arc::new(proxy::transport::TcpTls),
+        tracker: tracker.clone(),
+    };
+    let proxy_task = tokio::spawn(proxy.run(drain_rx));
     let manager = Manager::new(
         GrpcCertifier::new(cp.clone()),
         dataplane.clone(),
@@ -226,6 +252,21 @@ pub async fn run_checked(
     tasks.spawn(client.run());
 
     shutdown.await;
+    // Drain: report every inbound unready (the CP stops sending new traffic here), give that
+    // a moment to reach the other dataplanes, stop accepting, let open connections finish.
+    info!(drain_timeout = ?config.drain_timeout, "draining");
+    drain_tx.send_replace(true);
+    health_tx.send_replace(probe::draining(&targets));
+    let propagate = config.drain_timeout.min(DRAIN_PROPAGATION);
+    tokio::time::sleep(propagate).await;
+    let _ = proxy_task.await;
+    let rest = config.drain_timeout.saturating_sub(propagate);
+    if tokio::time::timeout(rest, tracker.idle()).await.is_err() {
+        warn!(
+            open = tracker.active(),
+            "drain timeout: closing the remaining connections"
+        );
+    }
     info!("shutting down");
     shutdown_tx.send_replace(true);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

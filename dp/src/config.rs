@@ -16,6 +16,8 @@ mod tests;
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Default period of the status report on the discovery stream.
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of `drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bad configuration. `weft-dp` exits 64 on any of these, before binding anything.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub struct FileConfig {
     pub reconnect_max_backoff: Option<String>,
     /// How often the dataplane reports its status on the discovery stream, e.g. `"10s"`.
     pub status_interval: Option<String>,
+    /// How long SIGTERM waits for open connections to finish, e.g. `"10s"`.
+    pub drain_timeout: Option<String>,
 }
 
 /// A checked configuration.
@@ -90,6 +94,8 @@ pub struct Config {
     pub reconnect_max_backoff: Duration,
     /// Period of the status report.
     pub status_interval: Duration,
+    /// How long a drain waits for open connections.
+    pub drain_timeout: Duration,
 }
 
 impl FileConfig {
@@ -129,7 +135,8 @@ impl FileConfig {
             state_dir,
             admin_address,
             reconnect_max_backoff,
-            status_interval
+            status_interval,
+            drain_timeout
         );
         self
     }
@@ -167,6 +174,11 @@ impl FileConfig {
             self.status_interval.as_deref(),
             DEFAULT_STATUS_INTERVAL,
         )?;
+        let drain_timeout = duration(
+            "drain_timeout",
+            self.drain_timeout.as_deref(),
+            DEFAULT_DRAIN_TIMEOUT,
+        )?;
         let dataplane_vars = self.dataplane_vars.unwrap_or_default();
         if let Some(k) = dataplane_vars.keys().find(|k| !is_var_name(k)) {
             return Err(Error::Invalid {
@@ -190,6 +202,7 @@ impl FileConfig {
             dataplane_vars,
             reconnect_max_backoff,
             status_interval,
+            drain_timeout,
         })
     }
 }

@@ -79,6 +79,8 @@ pub struct Dataplane {
     pub name: String,
     /// Its mesh (trust domain).
     pub mesh: String,
+    /// `networking.address`: where inbounds listen unless they name their own address.
+    pub address: String,
     /// Its inbounds, in file order.
     pub inbounds: Vec<InboundSpec>,
     /// The file's text after template substitution: sent to the CP.
@@ -151,9 +153,14 @@ impl Dataplane {
                 .collect::<Result<_>>()?,
             Some(_) => return Err(field("networking.inbound", "must be a list")),
         };
+        let address = match doc.pointer("/networking/address") {
+            Some(Value::String(a)) if !a.trim().is_empty() => a.clone(),
+            _ => return Err(field("networking.address", "is required (an IP address)")),
+        };
         Ok(Dataplane {
             name,
             mesh,
+            address,
             inbounds,
             yaml,
         })

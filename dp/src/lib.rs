@@ -17,6 +17,7 @@ pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod probe;
+pub mod proxy;
 pub mod shutdown;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;

@@ -60,6 +60,9 @@ struct Flags {
     /// Period of the status report, e.g. 10s.
     #[arg(long)]
     status_interval: Option<String>,
+    /// On SIGTERM: how long open connections may take to finish, e.g. 10s (the default).
+    #[arg(long)]
+    drain_timeout: Option<String>,
 }
 
 fn load(f: Flags) -> Result<Config, String> {
@@ -83,6 +86,7 @@ fn load(f: Flags) -> Result<Config, String> {
         dataplane_vars: (!vars.is_empty()).then_some(vars),
         reconnect_max_backoff: f.reconnect_max_backoff,
         status_interval: f.status_interval,
+        drain_timeout: f.drain_timeout,
     };
     base.overlay(flags).check().map_err(|e| e.to_string())
 }

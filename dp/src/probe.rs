@@ -44,6 +44,11 @@ impl From<&InboundSpec> for Target {
     }
 }
 
+/// Every inbound unready: what a draining dataplane reports.
+pub fn draining(targets: &[Target]) -> Arc<Vec<InboundHealth>> {
+    initial(targets)
+}
+
 /// The state before any probe ran: nothing ready.
 pub fn initial(targets: &[Target]) -> Arc<Vec<InboundHealth>> {
     Arc::new(
@@ -73,7 +78,7 @@ pub async fn probe_all(targets: &[Target], timeout: Duration) -> Vec<InboundHeal
 /// Probes every `period` until `shutdown`, publishing only changes.
 pub async fn run(
     targets: Vec<Target>,
-    health: watch::Sender<Arc<Vec<InboundHealth>>>,
+    health: Arc<watch::Sender<Arc<Vec<InboundHealth>>>>,
     period: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {

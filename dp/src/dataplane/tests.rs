@@ -67,9 +67,12 @@ fn dataplane_file_is_parsed_after_substitution() {
 
 #[test]
 fn mesh_defaults_and_bad_fields_are_named() {
-    let dp = Dataplane::parse("name: a\n".into()).unwrap();
+    let dp = Dataplane::parse("name: a\nnetworking:\n  address: 10.0.0.1\n".into()).unwrap();
     assert_eq!(dp.mesh, "default");
+    assert_eq!(dp.address, "10.0.0.1");
     assert!(dp.inbounds.is_empty());
+    let e = Dataplane::parse("name: a\n".into()).unwrap_err();
+    assert!(e.to_string().contains("networking.address"), "{e}");
 
     for (text, field) in [
         ("mesh: m\n", "name"),

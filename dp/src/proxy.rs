@@ -1,0 +1,607 @@
+//! The data path: one listener per inbound and per outbound of the applied config, mTLS
+//! between dataplanes, authorization on inbounds, load balancing on outbounds.
+//!
+//! - The reconciler follows the applied config (`watch`): it binds listeners for new ports,
+//!   hands changed settings (rules, endpoints) to running listeners through their own
+//!   `watch`, and stops listeners that disappeared. Established connections are never
+//!   touched by a change: each keeps what it was accepted with.
+//! - TLS configurations are rebuilt when the certificate or trust bundle changes and swapped
+//!   in atomically (`watch<Option<Arc<TlsState>>>`); new handshakes use the new ones.
+//! - Bytes are copied with large buffers in both directions, half-close propagated.
+//! - Draining: listeners stop accepting, and the caller waits (bounded) for [`Tracker`] to
+//!   reach zero active connections.
+//!
+//! The transport between dataplanes is behind [`transport::Transport`], so QUIC can replace
+//! TLS over TCP without touching listeners or balancing.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::Dataplane;
+use crate::identity::manager::Credentials;
+use crate::metrics::{ListenerMetrics, ProxyMetrics};
+use crate::model::{Applied, Inbound, LoadBalancer, MtlsMode, Outbound};
+
+pub mod authz;
+pub mod balance;
+pub mod tls;
+pub mod transport;
+
+use balance::{Balancer, Slot};
+use tls::TlsState;
+use transport::{Transport, Upstream};
+
+/// Copy buffer per direction.
+const BUFFER: usize = 64 * 1024;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TCP connect to an upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many endpoints an outbound connection tries before giving up.
+const MAX_ATTEMPTS: usize = 3;
+/// How long to wait before binding a port again after a failure.
+const REBIND_AFTER: Duration = Duration::from_secs(1);
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Counts open connections, so that a drain can wait for them.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl Tracker {
+    fn enter(self: &Arc<Self>) -> TrackGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        TrackGuard(self.clone())
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct TrackGuard(Arc<Tracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Builds TLS state from credentials and the applied config's trust bundle, each time either
+/// changes, until `stop`.
+pub async fn tls_task(
+    mesh: String,
+    mut creds: watch::Receiver<Option<Arc<Credentials>>>,
+    mut config: watch::Receiver<Option<Arc<Applied>>>,
+    out: watch::Sender<Option<Arc<TlsState>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut generation = 0u64;
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let c = creds.borrow_and_update().clone();
+        let bundle = config
+            .borrow_and_update()
+            .as_ref()
+            .map(|a| a.config.trust_bundle_pem.clone())
+            .filter(|b| !b.is_empty());
+        if let Some(c) = c {
+            let bundle = bundle.unwrap_or_else(|| c.trust_bundle_pem.clone());
+            let key = (c.cert_chain_pem.clone(), bundle.clone());
+            if last.as_ref() != Some(&key) {
+                generation += 1;
+                match TlsState::new(generation, &mesh, &c, &bundle) {
+                    Ok(s) => {
+                        info!(generation, ids = ?c.spiffe_ids, "TLS credentials in use");
+                        out.send_replace(Some(Arc::new(s)));
+                        last = Some(key);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot use the new credentials; keeping the previous ones")
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            r = creds.changed() => if r.is_err() { return },
+            r = config.changed() => if r.is_err() { return },
+            () = crate::shutdown::stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// What the proxy runs on.
+pub struct Proxy {
+    /// The dataplane's file: listen addresses of inbounds.
+    pub dataplane: Arc<Dataplane>,
+    /// The applied config.
+    pub config: watch::Receiver<Option<Arc<Applied>>>,
+    /// Current TLS state.
+    pub tls: watch::Receiver<Option<Arc<TlsState>>>,
+    /// Metric families.
+    pub metrics: ProxyMetrics,
+    /// How dataplanes reach each other.
+    pub transport: Arc<dyn Transport>,
+    /// Open connections.
+    pub tracker: Arc<Tracker>,
+}
+
+/// A running listener: its settings channel and its stop signal.
+struct Running<T> {
+    settings: watch::Sender<Arc<T>>,
+    stop: watch::Sender<bool>,
+}
+
+impl<T> Drop for Running<T> {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// The inbound's listen address: the inbound's own `address`, else the Dataplane's
+/// `networking.address`.
+fn inbound_bind(dp: &Dataplane, port: u16) -> Option<SocketAddr> {
+    let spec = dp.inbounds.iter().find(|i| i.port == port);
+    let addr = spec
+        .and_then(|i| i.address.clone())
+        .unwrap_or_else(|| dp.address.clone());
+    let ip: IpAddr = addr.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
+}
+
+impl Proxy {
+    /// Reconciles listeners with the applied config until `stop`; then every listener stops
+    /// accepting (open connections continue, tracked by `tracker`).
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut inbounds: BTreeMap<u16, Running<InboundState>> = BTreeMap::new();
+        let mut outbounds: BTreeMap<(IpAddr, u16), Running<OutboundState>> = BTreeMap::new();
+        loop {
+            let applied = self.config.borrow_and_update().clone();
+            if let Some(a) = applied {
+                self.reconcile(&a, &mut inbounds, &mut outbounds);
+            }
+            tokio::select! {
+                r = self.config.changed() => if r.is_err() { break },
+                () = crate::shutdown::stopped(&mut stop) => break,
+            }
+        }
+        info!("listeners closing");
+        drop(inbounds);
+        drop(outbounds);
+    }
+
+    fn reconcile(
+        &self,
+        applied: &Applied,
+        inbounds: &mut BTreeMap<u16, Running<InboundState>>,
+        outbounds: &mut BTreeMap<(IpAddr, u16), Running<OutboundState>>,
+    ) {
+        let cfg = &applied.config;
+        let want_in: BTreeMap<u16, &Inbound> = cfg.inbounds.iter().map(|i| (i.port, i)).collect();
+        inbounds.retain(|port, _| want_in.contains_key(port));
+        for (port, ib) in want_in {
+            let state = Arc::new(InboundState {
+                inbound: ib.clone(),
+                mode: cfg.mtls_mode,
+            });
+            if let Some(r) = inbounds.get(&port) {
+                r.settings.send_if_modified(|s| {
+                    if **s == *state {
+                        return false;
+                    }
+                    *s = state.clone();
+                    true
+                });
+                continue;
+            }
+            let Some(bind) = inbound_bind(&self.dataplane, port) else {
+                warn!(port, "inbound has no usable listen address; not serving it");
+                continue;
+            };
+            let service = ib.tags.get("kuma.io/service").cloned().unwrap_or_default();
+            let (settings, settings_rx) = watch::channel(state);
+            let (stop, stop_rx) = watch::channel(false);
+            let l = InboundListener {
+                bind,
+                settings: settings_rx,
+                tls: self.tls.clone(),
+                metrics: self.metrics.listener("inbound", port, &service),
+                tracker: self.tracker.clone(),
+            };
+            tokio::spawn(l.run(stop_rx));
+            inbounds.insert(port, Running { settings, stop });
+        }
+
+        let want_out: BTreeMap<(IpAddr, u16), &Outbound> =
+            cfg.outbounds.iter().map(|o| (o.key(), o)).collect();
+        outbounds.retain(|k, _| want_out.contains_key(k));
+        for (key, ob) in want_out {
+            let state = Arc::new(OutboundState::new(ob, cfg.mtls_mode, outbounds.get(&key)));
+            if let Some(r) = outbounds.get(&key) {
+                r.settings.send_if_modified(|s| {
+                    if s.same_as(&state) {
+                        return false;
+                    }
+                    *s = state.clone();
+                    true
+                });
+                continue;
+            }
+            let (settings, settings_rx) = watch::channel(state);
+            let (stop, stop_rx) = watch::channel(false);
+            let l = OutboundListener {
+                bind: SocketAddr::new(key.0, key.1),
+                settings: settings_rx,
+                tls: self.tls.clone(),
+                metrics: self.metrics.listener("outbound", key.1, &ob.service),
+                tracker: self.tracker.clone(),
+                transport: self.transport.clone(),
+                balancer: Arc::new(Balancer::default()),
+            };
+            tokio::spawn(l.run(stop_rx));
+            outbounds.insert(key, Running { settings, stop });
+        }
+    }
+}
+
+/// Binds `addr`, retrying until it works or `stop`.
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<TcpListener> {
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                info!(%addr, what, "listening");
+                return Some(l);
+            }
+            Err(e) => warn!(%addr, what, error = %e, "cannot bind; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(REBIND_AFTER) => {}
+            () = crate::shutdown::stopped(stop) => return None,
+        }
+    }
+}
+
+/// Copies both ways until both sides are done; returns (to upstream, from upstream).
+async fn splice<A, B>(mut down: A, mut up: B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUFFER, BUFFER).await
+}
+
+/// Connects to a local service (plain TCP on the dataplane's host).
+async fn connect_local(addr: SocketAddr, m: &ListenerMetrics) -> io::Result<TcpStream> {
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
+    match &r {
+        Ok(s) => {
+            let _ = s.set_nodelay(true);
+            m.connect_seconds.observe(t0.elapsed().as_secs_f64());
+        }
+        Err(_) => {
+            m.connect_failures.inc();
+        }
+    }
+    r
+}
+
+/// An inbound's settings, as of the last config.
+#[derive(Debug, PartialEq)]
+struct InboundState {
+    inbound: Inbound,
+    mode: MtlsMode,
+}
+
+struct InboundListener {
+    bind: SocketAddr,
+    settings: watch::Receiver<Arc<InboundState>>,
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    metrics: ListenerMetrics,
+    tracker: Arc<Tracker>,
+}
+
+impl InboundListener {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(listener) = bind(self.bind, "inbound", &mut stop).await else {
+            return;
+        };
+        let this = Arc::new(self);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = crate::shutdown::stopped(&mut stop) => break,
+            };
+            let guard = this.tracker.enter();
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.metrics.opened.inc();
+                this.metrics.active.inc();
+                if let Err(e) = this.serve(tcp, peer).await {
+                    debug!(%peer, error = %e, "inbound connection ended with an error");
+                }
+                this.metrics.active.dec();
+                drop(guard);
+            });
+        }
+        info!(addr = %self_addr(&listener), "inbound stopped accepting");
+    }
+
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let state = self.settings.borrow().clone();
+        let ib = &state.inbound;
+        let target = SocketAddr::new(ib.service_address, ib.service_port);
+        if state.mode == MtlsMode::Disabled {
+            let up = connect_local(target, &self.metrics).await?;
+            return self.copy(tcp, up).await;
+        }
+        let mut first = [0u8; 1];
+        let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first))
+            .await
+            .unwrap_or(Ok(0))?;
+        if n == 0 {
+            return Ok(());
+        }
+        if first[0] != TLS_HANDSHAKE {
+            if state.mode == MtlsMode::Permissive {
+                let up = connect_local(target, &self.metrics).await?;
+                return self.copy(tcp, up).await;
+            }
+            self.metrics.denied.inc();
+            warn!(%peer, port = ib.port, "refused plaintext: the mesh is STRICT");
+            return Ok(());
+        }
+        let Some(tls) = self.tls.borrow().clone() else {
+            self.metrics.tls_failures.inc();
+            warn!(%peer, port = ib.port, "refused: no certificate yet");
+            return Ok(());
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.tls_failures.inc();
+                warn!(%peer, port = ib.port, error = %e, "TLS handshake failed");
+                return Ok(());
+            }
+            Err(_) => {
+                self.metrics.tls_failures.inc();
+                warn!(%peer, port = ib.port, "TLS handshake timed out");
+                return Ok(());
+            }
+        };
+        let services = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|leaf| tls::peer_services(leaf, &tls.mesh))
+            .unwrap_or_default();
+        let verdict = authz::decide(&ib.rules, &services);
+        if !verdict.allow {
+            self.metrics.denied.inc();
+            warn!(
+                %peer,
+                port = ib.port,
+                client = ?services,
+                policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
+                "denied"
+            );
+            return Ok(());
+        }
+        if verdict.action == Some(crate::model::Action::AllowWithShadowDeny) {
+            info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
+        }
+        let up = connect_local(target, &self.metrics).await?;
+        self.copy(stream, up).await
+    }
+
+    async fn copy<A>(&self, down: A, up: TcpStream) -> io::Result<()>
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (to, from) = splice(down, up).await?;
+        self.metrics.bytes_to_upstream.inc_by(to);
+        self.metrics.bytes_from_upstream.inc_by(from);
+        Ok(())
+    }
+}
+
+fn self_addr(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// An outbound's settings and its endpoints' live counters.
+struct OutboundState {
+    service: String,
+    lb: LoadBalancer,
+    mode: MtlsMode,
+    endpoints: Vec<crate::model::Endpoint>,
+    slots: Vec<Slot>,
+}
+
+impl OutboundState {
+    /// Keeps the connection counters of endpoints that stay, so least-request stays accurate
+    /// across config changes.
+    fn new(ob: &Outbound, mode: MtlsMode, previous: Option<&Running<OutboundState>>) -> Self {
+        let old: BTreeMap<String, Arc<AtomicUsize>> = previous
+            .map(|r| {
+                r.settings
+                    .borrow()
+                    .slots
+                    .iter()
+                    .map(|s| (s.address.clone(), s.active.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let slots = ob
+            .endpoints
+            .iter()
+            .map(|e| {
+                let address = format!("{}:{}", e.address, e.port);
+                Slot {
+                    active: old.get(&address).cloned().unwrap_or_default(),
+                    address,
+                    healthy: e.healthy,
+                }
+            })
+            .collect();
+        OutboundState {
+            service: ob.service.clone(),
+            lb: ob.lb,
+            mode,
+            endpoints: ob.endpoints.clone(),
+            slots,
+        }
+    }
+
+    fn same_as(&self, other: &OutboundState) -> bool {
+        self.service == other.service
+            && self.lb == other.lb
+            && self.mode == other.mode
+            && self.endpoints == other.endpoints
+    }
+}
+
+struct OutboundListener {
+    bind: SocketAddr,
+    settings: watch::Receiver<Arc<OutboundState>>,
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    metrics: ListenerMetrics,
+    tracker: Arc<Tracker>,
+    transport: Arc<dyn Transport>,
+    balancer: Arc<Balancer>,
+}
+
+impl OutboundListener {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(listener) = bind(self.bind, "outbound", &mut stop).await else {
+            return;
+        };
+        let this = Arc::new(self);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "outbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = crate::shutdown::stopped(&mut stop) => break,
+            };
+            let guard = this.tracker.enter();
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.metrics.opened.inc();
+                this.metrics.active.inc();
+                if let Err(e) = this.serve(tcp).await {
+                    debug!(%peer, error = %e, "outbound connection ended with an error");
+                }
+                this.metrics.active.dec();
+                drop(guard);
+            });
+        }
+        info!(addr = %self_addr(&listener), "outbound stopped accepting");
+    }
+
+    async fn serve(&self, tcp: TcpStream) -> io::Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let state = self.settings.borrow().clone();
+        let tls = if state.mode == MtlsMode::Disabled {
+            None
+        } else {
+            let Some(t) = self.tls.borrow().clone() else {
+                warn!(service = %state.service, "no certificate yet; refusing the connection");
+                return Ok(());
+            };
+            let config = t
+                .client_for(&state.service)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            Some(config)
+        };
+        let order = self.balancer.order(state.lb, &state.slots, MAX_ATTEMPTS);
+        if order.is_empty() {
+            warn!(service = %state.service, "no healthy endpoint");
+            return Ok(());
+        }
+        for idx in order {
+            let slot = &state.slots[idx];
+            let t0 = Instant::now();
+            let r = self
+                .transport
+                .connect(
+                    &slot.address,
+                    &state.service,
+                    tls.clone(),
+                    CONNECT_TIMEOUT,
+                    HANDSHAKE_TIMEOUT,
+                )
+                .await;
+            match r {
+                Ok(up) => {
+                    self.metrics
+                        .connect_seconds
+                        .observe(t0.elapsed().as_secs_f64());
+                    slot.active.fetch_add(1, Ordering::Relaxed);
+                    let copied = splice(tcp, up).await;
+                    slot.active.fetch_sub(1, Ordering::Relaxed);
+                    let (to, from) = copied?;
+                    self.metrics.bytes_to_upstream.inc_by(to);
+                    self.metrics.bytes_from_upstream.inc_by(from);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.metrics.connect_failures.inc();
+                    if matches!(e, Upstream::Tls(_)) {
+                        self.metrics.tls_failures.inc();
+                    }
+                    warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream connect failed; trying another endpoint");
+                }
+            }
+        }
+        warn!(service = %state.service, "every endpoint tried failed");
+        Ok(())
+    }
+}
