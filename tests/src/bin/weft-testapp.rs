@@ -1,0 +1,360 @@
+//! `weft-testapp`: the workloads and clients of the end-to-end tests. It runs inside testbed
+//! hosts (`ip netns exec HOST weft-testapp …`), so it is one static-ish binary with no runtime
+//! dependencies on the host (no python, nc or curl needed for the checks it does).
+//!
+//! Servers print `listening on ADDR` (the bound address, so `:0` works) on stdout once they
+//! accept connections; tests wait for that line.
+//!
+//! - `http-echo --listen ADDR --name NAME`: HTTP/1.1 with keep-alive. Every request gets 200,
+//!   header `x-served-by: NAME` and body `NAME <METHOD> <PATH>\n`; `GET /big?bytes=N` answers N
+//!   bytes of `x` instead (streamed, for throughput checks).
+//! - `tcp-echo --listen ADDR`: echoes bytes until the peer's EOF, then shuts down its own write
+//!   side (a half-close is passed on, not turned into a reset).
+//! - `tcp-send --to ADDR --data STR [--timeout 5s]`: connects, writes STR, shuts down its write
+//!   side, reads until EOF and prints exactly what it read (no newline added). Exits 1 on an
+//!   error or when the timeout passes before EOF.
+//! - `load --url http://HOST:PORT/PATH --duration 30s --interval 20ms [--timeout 2s]`: starts one
+//!   `GET` every interval, each on a fresh TCP connection, and at the end prints one JSON line
+//!   `{"ok":N,"failed":M,"errors":["..."],"served_by":{"NAME":count}}` and exits 0; the test
+//!   judges the numbers.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-testapp",
+    about = "Workloads and clients for weft's end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP/1.1 server answering `NAME <METHOD> <PATH>` with `x-served-by: NAME`.
+    HttpEcho {
+        /// Address to listen on (port 0 picks one; the bound address is printed).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The name put in bodies and in `x-served-by`.
+        #[arg(long)]
+        name: String,
+    },
+    /// TCP echo that passes a half-close on.
+    TcpEcho {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Writes DATA, half-closes, prints everything read until EOF.
+    TcpSend {
+        /// Where to connect (IP:PORT or HOST:PORT).
+        #[arg(long)]
+        to: String,
+        /// What to send.
+        #[arg(long)]
+        data: String,
+        /// Deadline for the whole exchange.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// One request per interval on fresh connections; prints a JSON summary.
+    Load {
+        /// `http://HOST:PORT/PATH`.
+        #[arg(long)]
+        url: Uri,
+        /// How long to keep starting requests.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Time between request starts.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Deadline of one request (connect + response + body).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-testapp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::HttpEcho { listen, name } => http_echo(listen, name).await,
+            Cmd::TcpEcho { listen } => tcp_echo(listen).await,
+            Cmd::TcpSend { to, data, timeout } => tcp_send(&to, &data, timeout).await,
+            Cmd::Load {
+                url,
+                duration,
+                interval,
+                timeout,
+            } => load(url, duration, interval, timeout).await,
+        }
+    })
+}
+
+/// Binds and announces the bound address on stdout (flushed: stdout is usually a log file).
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {}", l.local_addr()?)?;
+    out.flush()?;
+    Ok(l)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn http_echo(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    let name: Arc<str> = name.into();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(echo_response(&name, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                eprintln!("connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn echo_response(name: &str, req: &Request<Incoming>) -> Response<Body> {
+    let body = if req.uri().path() == "/big" {
+        match big_bytes(req.uri()) {
+            Some(n) => big_body(n),
+            None => {
+                return Response::builder()
+                    .status(400)
+                    .header("x-served-by", name)
+                    .body(Full::from("/big needs ?bytes=N\n").boxed())
+                    .unwrap_or_default();
+            }
+        }
+    } else {
+        Full::from(format!("{name} {} {}\n", req.method(), req.uri().path())).boxed()
+    };
+    Response::builder()
+        .header("x-served-by", name)
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn big_bytes(uri: &Uri) -> Option<u64> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("bytes="))?
+        .parse()
+        .ok()
+}
+
+/// N bytes of `x`, streamed in 64 KiB frames (one shared buffer) with a content-length.
+fn big_body(n: u64) -> Body {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let frames = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(n - i * CHUNK) as usize;
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
+async fn tcp_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            let res = async {
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await
+            }
+            .await;
+            if let Err(e) = res {
+                eprintln!("echo for {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn tcp_send(to: &str, data: &str, timeout: Duration) -> anyhow::Result<()> {
+    let got = tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connecting to {to}"))?;
+        s.write_all(data.as_bytes()).await.context("writing")?;
+        s.shutdown().await.context("shutting down the write side")?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.context("reading until EOF")?;
+        anyhow::Ok(got)
+    })
+    .await
+    .with_context(|| format!("no EOF from {to} within {timeout:?}"))??;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&got)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Tallies of `load`.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    /// Distinct error messages in first-seen order (at most [`MAX_ERRORS`]).
+    errors: Vec<String>,
+    served_by: BTreeMap<String, u64>,
+}
+
+const MAX_ERRORS: usize = 20;
+
+async fn load(
+    url: Uri,
+    duration: Duration,
+    interval: Duration,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if url.scheme_str() != Some("http") {
+        bail!("--url must be http://HOST:PORT/PATH, got {url}");
+    }
+    let Some(authority) = url.authority().cloned() else {
+        bail!("--url has no host: {url}");
+    };
+    let target = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let path = url
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.as_str().to_owned());
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = tokio::time::Instant::now() + duration;
+    let mut inflight = tokio::task::JoinSet::new();
+    loop {
+        tick.tick().await;
+        if tokio::time::Instant::now() >= end {
+            break;
+        }
+        let (target, path, host) = (target.clone(), path.clone(), authority.to_string());
+        let tally = tally.clone();
+        inflight.spawn(async move {
+            let r = tokio::time::timeout(timeout, one_request(&target, &host, &path)).await;
+            let r = r.unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")));
+            // Poisoning needs a panic while holding the lock; none of the code below panics.
+            let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
+                Ok(served_by) => {
+                    t.ok += 1;
+                    *t.served_by.entry(served_by).or_default() += 1;
+                }
+                Err(e) => {
+                    t.failed += 1;
+                    if t.errors.len() < MAX_ERRORS && !t.errors.contains(&e) {
+                        t.errors.push(e);
+                    }
+                }
+            }
+        });
+        // Reap finished tasks so the set does not grow for the whole run.
+        while inflight.try_join_next().is_some() {}
+    }
+    while inflight.join_next().await.is_some() {}
+    let t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    let summary = serde_json::json!({
+        "ok": t.ok,
+        "failed": t.failed,
+        "errors": t.errors,
+        "served_by": t.served_by,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// `GET path` on a fresh connection; the `x-served-by` of a 2xx answer whose body arrived whole.
+async fn one_request(target: &str, host: &str, path: &str) -> Result<String, String> {
+    let stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", host)
+        .header("connection", "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status();
+    let served_by = resp
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    Ok(served_by)
+}
