@@ -468,7 +468,9 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.subject_alt_names = ids.iter().map(|id| uri_san(id)).collect::<Result<_>>()?;
-        params.not_before = now - to_time(CLOCK_SKEW)?;
+        // Back-dated for clock skew, but by at most a tenth of the lifetime: dataplanes renew
+        // at 2/3 of notBefore..notAfter, which must stay in the future for short lifetimes.
+        params.not_before = now - to_time(CLOCK_SKEW.min(lifetime / 10))?;
         params.not_after = now + to_time(lifetime)?;
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;

@@ -132,6 +132,22 @@ fn signs_a_csr_into_a_leaf_that_chains_to_the_root() {
         time::Duration::try_from(lifetime + CLOCK_SKEW).unwrap()
     );
     assert_eq!(validity.not_after.to_datetime(), leaf.not_after);
+    // A short lifetime is back-dated by a tenth of it only, so 2/3 of it lies ahead.
+    let short = Duration::from_secs(30);
+    let short_leaf = ca
+        .sign_csr(
+            &csr_for(&["spiffe://default/web"]),
+            "default",
+            &services(&["web"]),
+            short,
+        )
+        .unwrap();
+    let (_, short_pem) = parse_x509_pem(short_leaf.cert_pem.as_bytes()).unwrap();
+    let c = short_pem.parse_x509().unwrap();
+    assert_eq!(
+        c.validity().not_after.to_datetime() - c.validity().not_before.to_datetime(),
+        time::Duration::seconds(33)
+    );
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && eku.client_auth && !eku.any);
     let ku = cert.key_usage().unwrap().unwrap().value;
