@@ -5,6 +5,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put next to this test binary
 //! (`target/<profile>/`); the README's test command builds them first.
 
+pub mod meshbed;
 pub mod netns;
 
 use std::ffi::OsString;

@@ -1,0 +1,396 @@
+//! The data path across hosts (network namespaces on a bridge): real `weft-cp`, `weft-dp` and
+//! test apps, real clients (`curl`, `openssl s_client`, `tcpdump`) run inside the hosts.
+//!
+//! Layout: host 1 runs the CP; `web` runs on host 2 with an outbound to `backend` on
+//! 127.0.0.1:20001; `backend` instances run on hosts 3 (and 4), their inbound on
+//! `10.77.0.1x:10002` in front of an HTTP echo on 127.0.0.1:8080.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use weft_e2e::meshbed::{Dataplane, MeshBed};
+use weft_e2e::netns::Proc;
+use weft_e2e::wait_for;
+
+const WEB_URL: &str = "http://127.0.0.1:20001";
+
+const ALLOW: &str = "type: MeshTrafficPermission\nmesh: default\nname: web-to-backend\nspec:\n  targetRef:\n    kind: MeshService\n    name: backend\n  from:\n  - targetRef:\n      kind: MeshService\n      name: web\n    default:\n      action: Allow\n";
+
+fn backend_yaml(i: usize) -> String {
+    format!(
+        "type: Dataplane\nmesh: default\nname: backend-{i}\nnetworking:\n  address: 10.77.0.{}\n  inbound:\n  - port: 10002\n    servicePort: 8080\n    tags:\n      kuma.io/service: backend\n",
+        10 + i
+    )
+}
+
+const WEB_YAML: &str = "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20001\n    tags:\n      kuma.io/service: backend\n";
+
+/// web on host 2, backends on hosts 3.., each behind its dataplane.
+struct Shop {
+    mesh: MeshBed,
+    web: Dataplane,
+    backends: Vec<(Dataplane, Proc)>,
+    _web_app: Proc,
+}
+
+impl Shop {
+    fn new(backends: usize, allow: bool, mesh_yaml: Option<&str>) -> Result<Shop> {
+        let mesh = MeshBed::new(2 + backends)?;
+        if let Some(y) = mesh_yaml {
+            mesh.apply("mesh", y)?;
+        }
+        if allow {
+            mesh.apply("allow", ALLOW)?;
+        }
+        let mut list = Vec::new();
+        for i in 3..3 + backends {
+            let app = mesh.http_echo(i, &format!("backend-{i}"), 8080)?;
+            let dp = mesh.start_dp(
+                i,
+                "default",
+                &format!("backend-{i}"),
+                "backend",
+                &backend_yaml(i),
+            )?;
+            list.push((dp, app));
+        }
+        let web_app = mesh.http_echo(2, "web", 8081)?;
+        let web = mesh.start_dp(2, "default", "web", "web", WEB_YAML)?;
+        // Every backend endpoint healthy in web's config before traffic starts.
+        let n = backends;
+        wait_for(
+            "web's outbound with every backend healthy",
+            Duration::from_secs(20),
+            || {
+                let cfg: serde_json::Value =
+                    serde_json::from_str(&web.admin("/config").ok()?).ok()?;
+                let eps = cfg["config"]["outbounds"][0]["endpoints"]
+                    .as_array()?
+                    .clone();
+                (eps.len() == n && eps.iter().all(|e| e["healthy"] == true)).then_some(())
+            },
+        )?;
+        Ok(Shop {
+            mesh,
+            web,
+            backends: list,
+            _web_app: web_app,
+        })
+    }
+
+    /// Waits until a request from web to backend succeeds; returns the body.
+    fn wait_working(&self, within: Duration) -> Result<String> {
+        wait_for("web -> backend to work", within, || {
+            let (code, body) = self.mesh.curl(2, &format!("{WEB_URL}/"));
+            (code == 0 && body.starts_with("backend-")).then_some(body)
+        })
+    }
+}
+
+#[test]
+fn a_web_reaches_backend_across_hosts_over_tls_only() -> Result<()> {
+    let shop = Shop::new(1, true, None)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let backend = &shop.backends[0].0;
+
+    // Capture the wire on the backend host while a request with a distinctive path passes.
+    let h3 = shop.mesh.host(3).clone();
+    let pcap = shop.mesh.bed.dir().join("wire.pcap");
+    let mut cmd = h3.command("tcpdump");
+    cmd.args(["-i", "eth0", "-U", "-n", "-w"])
+        .arg(&pcap)
+        .args(["tcp", "port", "10002"]);
+    let dump = h3.spawn("tcpdump", cmd)?;
+    wait_for("tcpdump to listen", Duration::from_secs(10), || {
+        dump.log().contains("listening on").then_some(())
+    })?;
+    let (code, body) = shop
+        .mesh
+        .curl(2, &format!("{WEB_URL}/very-secret-path-4711"));
+    ensure!(code == 0, "request through the mesh failed: {code}");
+    assert_eq!(body, "backend-3 GET /very-secret-path-4711\n");
+    // Wait for the exchange to reach the capture file, then stop tcpdump.
+    wait_for("packets in the capture", Duration::from_secs(5), || {
+        (std::fs::metadata(&pcap).ok()?.len() > 2000).then_some(())
+    })?;
+    dump.term(Duration::from_secs(5))?;
+    let wire = std::fs::read(&pcap)?;
+    let find = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !find(b"very-secret-path-4711") && !find(b"backend-3 GET"),
+        "plaintext HTTP crossed the wire between the hosts"
+    );
+    assert!(
+        find(&[0x17, 0x03, 0x03]),
+        "no TLS application data record in the capture"
+    );
+
+    // A plaintext probe straight at the backend's inbound is refused (STRICT).
+    let denied_before = backend.metric("weft_dp_connections_denied_total", &["inbound"]);
+    let (code, body) = shop.mesh.curl(1, "http://10.77.0.13:10002/");
+    ensure!(
+        code != 0 && body.is_empty(),
+        "plaintext got through: {code} {body:?}"
+    );
+    wait_for(
+        "the plaintext probe to be counted as denied",
+        Duration::from_secs(5),
+        || {
+            (backend.metric("weft_dp_connections_denied_total", &["inbound"]) > denied_before)
+                .then_some(())
+        },
+    )?;
+    // Metrics of both sides saw the traffic.
+    assert!(
+        shop.web
+            .metric("weft_dp_connections_opened_total", &["outbound"])
+            >= 2.0
+    );
+    assert!(backend.metric("weft_dp_bytes_from_upstream_total", &["inbound"]) > 0.0);
+    Ok(())
+}
+
+#[test]
+fn b_permissions_take_effect_within_a_second() -> Result<()> {
+    let shop = Shop::new(1, false, None)?;
+    let backend = &shop.backends[0].0;
+    // No permission: the mesh is STRICT and nothing allows web, so the backend denies it.
+    let (code, _) = shop.mesh.curl(2, &format!("{WEB_URL}/"));
+    ensure!(code != 0, "no permission must mean denied");
+    wait_for("the denial to be counted", Duration::from_secs(5), || {
+        (backend.metric("weft_dp_connections_denied_total", &["inbound"]) >= 1.0).then_some(())
+    })?;
+    assert!(
+        backend.proc.log().contains("denied"),
+        "{}",
+        backend.proc.log()
+    );
+
+    let t0 = Instant::now();
+    shop.mesh.apply("allow", ALLOW)?;
+    shop.wait_working(Duration::from_secs(1))?;
+    eprintln!("allow took effect in {:?}", t0.elapsed());
+
+    let t0 = Instant::now();
+    shop.mesh
+        .apply("deny", &ALLOW.replace("action: Allow", "action: Deny"))?;
+    wait_for("deny to take effect", Duration::from_secs(1), || {
+        let (code, _) = shop.mesh.curl(2, &format!("{WEB_URL}/"));
+        (code != 0).then_some(())
+    })?;
+    eprintln!("deny took effect in {:?}", t0.elapsed());
+    assert!(
+        backend.proc.log().contains("web-to-backend"),
+        "the deny names the deciding policy"
+    );
+    Ok(())
+}
+
+#[test]
+fn c_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
+    let mut shop = Shop::new(2, true, None)?;
+    let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "3s", "20ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    let served = &v["served_by"];
+    let (a, b) = (
+        served["backend-3"].as_u64().unwrap_or(0),
+        served["backend-4"].as_u64().unwrap_or(0),
+    );
+    ensure!(a > 20 && b > 20, "traffic is not shared: {v}");
+
+    // Kill backend-4's dataplane: traffic continues on backend-3, no request fails.
+    let (dp4, _app4) = shop.backends.pop().expect("two backends");
+    dp4.proc.kill9();
+    let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "3s", "20ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(v["served_by"]["backend-4"].is_null(), "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 100, "{v}");
+    Ok(())
+}
+
+#[test]
+fn d_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
+    let mut shop = Shop::new(1, true, None)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let host2 = shop.mesh.host(2).clone();
+    let mut cmd = host2.command(weft_e2e::bin("weft-testapp"));
+    cmd.args([
+        "load",
+        "--url",
+        &format!("{WEB_URL}/"),
+        "--duration",
+        "30s",
+        "--interval",
+        "20ms",
+    ]);
+    let load = host2.spawn("load", cmd)?;
+    std::thread::sleep(Duration::from_secs(5));
+    shop.mesh.kill_cp();
+    std::thread::sleep(Duration::from_secs(10));
+    shop.mesh.start_cp()?;
+    let out = wait_for("the load to finish", Duration::from_secs(40), || {
+        (!load.is_running()).then(|| load.log())
+    })?;
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap_or(""))?;
+    assert_eq!(v["failed"], 0, "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 1000, "{v}");
+    // And the dataplanes are back in sync with the restarted CP.
+    wait_for("web Online again", Duration::from_secs(10), || {
+        (shop.mesh.insight("default", "web").ok()?["status"] == "Online").then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn e_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> {
+    // Leaves live 20 s: each dataplane renews about every 14 s.
+    let mesh = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    dpCert:\n      rotation:\n        expiration: 20s\n";
+    let shop = Shop::new(1, true, Some(mesh))?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "25s", "20ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 800, "{v}");
+    let renewals = |dp: &Dataplane| dp.metric("weft_dp_cert_renewals_total", &[]);
+    ensure!(
+        renewals(&shop.web) >= 1.0 && renewals(&shop.backends[0].0) >= 1.0,
+        "no renewal happened during the load: web {}, backend {}",
+        renewals(&shop.web),
+        renewals(&shop.backends[0].0)
+    );
+    Ok(())
+}
+
+/// `openssl s_client` from host 1 at backend's inbound with the given client certificate;
+/// returns whether an HTTP request got an answer from the backend app.
+fn s_client(mesh: &MeshBed, cert_key: Option<(&std::path::Path, &std::path::Path)>) -> bool {
+    let mut args: Vec<String> = [
+        "openssl",
+        "s_client",
+        "-connect",
+        "10.77.0.13:10002",
+        "-quiet",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    if let Some((c, k)) = cert_key {
+        args.extend([
+            "-cert".into(),
+            c.display().to_string(),
+            "-key".into(),
+            k.display().to_string(),
+        ]);
+    }
+    // Feed a request through a shell pipe inside the host.
+    let cmd = format!(
+        "printf 'GET /probe HTTP/1.0\\r\\n\\r\\n' | timeout 5 {} 2>&1",
+        args.join(" ")
+    );
+    let out = mesh.host(1).run(["sh", "-c", &cmd]);
+    String::from_utf8_lossy(&out.stdout).contains("backend-3 GET /probe")
+}
+
+#[test]
+fn f_foreign_expired_or_missing_client_certificates_are_refused() -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    // A provided CA the test holds, so it can mint good, expired and foreign leaves.
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "test mesh CA");
+    let ca = p.self_signed(&ca_key)?;
+    let foreign_key = KeyPair::generate()?;
+    let foreign_ca = {
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "another mesh CA");
+        p.self_signed(&foreign_key)?
+    };
+    let mesh_yaml = format!(
+        "type: Mesh\nname: default\nmtls:\n  enabledBackend: p\n  backends:\n  - name: p\n    type: provided\n    conf:\n      cert:\n        inlineString: |\n{}      key:\n        inlineString: |\n{}",
+        indent(&ca.pem()),
+        indent(&ca_key.serialize_pem())
+    );
+    let allow_all = ALLOW.replace("kind: MeshService\n      name: web", "kind: Mesh");
+    let shop = Shop::new(1, false, Some(&mesh_yaml))?;
+    shop.mesh.apply("allow-all", &allow_all)?;
+    shop.wait_working(Duration::from_secs(10))?;
+
+    let dir = shop.mesh.bed.dir().to_owned();
+    let leaf = |name: &str,
+                issuer: &Issuer<'_, KeyPair>,
+                mesh: &str,
+                expired: bool|
+     -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{mesh}/web").try_into()?)];
+        let now = time::OffsetDateTime::now_utc();
+        if expired {
+            p.not_before = now - time::Duration::days(2);
+            p.not_after = now - time::Duration::days(1);
+        } else {
+            p.not_before = now - time::Duration::minutes(1);
+            p.not_after = now + time::Duration::hours(1);
+        }
+        let cert = p.signed_by(&key, issuer)?;
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
+    };
+    let mesh_issuer = Issuer::from_ca_cert_der(ca.der(), ca_key)?;
+    let foreign_issuer = Issuer::from_ca_cert_der(foreign_ca.der(), foreign_key)?;
+    let good = leaf("good", &mesh_issuer, "default", false)?;
+    let expired = leaf("expired", &mesh_issuer, "default", true)?;
+    let foreign = leaf("foreign", &foreign_issuer, "default", false)?;
+    let other_mesh = leaf("other-mesh", &mesh_issuer, "other", false)?;
+
+    // The control: a valid mesh certificate gets through, so the refusals below are real.
+    ensure!(
+        s_client(&shop.mesh, Some((&good.0, &good.1))),
+        "a valid certificate must pass"
+    );
+    let backend = &shop.backends[0].0;
+    let failures = || backend.metric("weft_dp_tls_handshake_failures_total", &["inbound"]);
+    let denied = || backend.metric("weft_dp_connections_denied_total", &["inbound"]);
+    let before = failures();
+    ensure!(
+        !s_client(&shop.mesh, None),
+        "no client certificate must be refused"
+    );
+    ensure!(
+        !s_client(&shop.mesh, Some((&expired.0, &expired.1))),
+        "an expired certificate must be refused"
+    );
+    ensure!(
+        !s_client(&shop.mesh, Some((&foreign.0, &foreign.1))),
+        "a certificate of another CA must be refused"
+    );
+    wait_for(
+        "three handshake failures counted",
+        Duration::from_secs(5),
+        || (failures() >= before + 3.0).then_some(()),
+    )?;
+    // Signed by this mesh's CA but naming another trust domain: no identity here, denied.
+    let denied_before = denied();
+    ensure!(
+        !s_client(&shop.mesh, Some((&other_mesh.0, &other_mesh.1))),
+        "another mesh's identity must be refused"
+    );
+    wait_for(
+        "the foreign identity denied",
+        Duration::from_secs(5),
+        || (denied() > denied_before).then_some(()),
+    )?;
+    Ok(())
+}
+
+fn indent(pem: &str) -> String {
+    pem.lines().map(|l| format!("          {l}\n")).collect()
+}
