@@ -11,11 +11,18 @@ pub enum Kind {
     Dataplane,
     /// `MeshTrafficPermission`: which clients may reach which services.
     MeshTrafficPermission,
+    /// `MeshLoadBalancingStrategy`: how outbound traffic is spread over a service's instances.
+    MeshLoadBalancingStrategy,
 }
 
 impl Kind {
     /// Every kind, in the order `weftctl` lists them.
-    pub const ALL: [Kind; 3] = [Kind::Mesh, Kind::Dataplane, Kind::MeshTrafficPermission];
+    pub const ALL: [Kind; 4] = [
+        Kind::Mesh,
+        Kind::Dataplane,
+        Kind::MeshTrafficPermission,
+        Kind::MeshLoadBalancingStrategy,
+    ];
 
     /// The `type` field of the resource, e.g. `MeshTrafficPermission`.
     pub fn type_name(self) -> &'static str {
@@ -23,6 +30,7 @@ impl Kind {
             Kind::Mesh => "Mesh",
             Kind::Dataplane => "Dataplane",
             Kind::MeshTrafficPermission => "MeshTrafficPermission",
+            Kind::MeshLoadBalancingStrategy => "MeshLoadBalancingStrategy",
         }
     }
 
@@ -32,6 +40,7 @@ impl Kind {
             Kind::Mesh => "meshes",
             Kind::Dataplane => "dataplanes",
             Kind::MeshTrafficPermission => "meshtrafficpermissions",
+            Kind::MeshLoadBalancingStrategy => "meshloadbalancingstrategies",
         }
     }
 
@@ -42,7 +51,10 @@ impl Kind {
 
     /// Whether this kind is a `Mesh*` policy with a `spec` (as opposed to Kuma's flat fields).
     pub fn is_policy(self) -> bool {
-        matches!(self, Kind::MeshTrafficPermission)
+        matches!(
+            self,
+            Kind::MeshTrafficPermission | Kind::MeshLoadBalancingStrategy
+        )
     }
 
     /// Looks a kind up by its `type` name (case-sensitive, as Kuma is).

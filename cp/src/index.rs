@@ -50,6 +50,8 @@ pub struct MeshView {
     pub dataplanes: BTreeMap<String, Arc<Resource>>,
     /// The mesh's MeshTrafficPermissions, sorted by name.
     pub mtps: Arc<Vec<Arc<Resource>>>,
+    /// The mesh's MeshLoadBalancingStrategies, sorted by name.
+    pub mlbs: Arc<Vec<Arc<Resource>>>,
     /// Instances of each service.
     pub endpoints: BTreeMap<String, Arc<Vec<EndpointInfo>>>,
 }
@@ -61,6 +63,7 @@ struct MeshState {
     ca_error: Option<String>,
     dataplanes: BTreeMap<String, Arc<Resource>>,
     mtps: Arc<Vec<Arc<Resource>>>,
+    mlbs: Arc<Vec<Arc<Resource>>>,
     health: BTreeMap<String, BTreeMap<u32, bool>>,
     endpoints: BTreeMap<String, Arc<Vec<EndpointInfo>>>,
 }
@@ -73,6 +76,7 @@ impl MeshState {
             ca_error: self.ca_error.clone(),
             dataplanes: self.dataplanes.clone(),
             mtps: self.mtps.clone(),
+            mlbs: self.mlbs.clone(),
             endpoints: self.endpoints.clone(),
         }))
     }
@@ -230,11 +234,12 @@ impl Index {
                 let meshes = s.list(Kind::Mesh.type_name(), None)?;
                 let dps = s.list(Kind::Dataplane.type_name(), None)?;
                 let mtps = s.list(Kind::MeshTrafficPermission.type_name(), None)?;
+                let mlbs = s.list(Kind::MeshLoadBalancingStrategy.type_name(), None)?;
                 let insights = insight::load_all(s, None).unwrap_or_default();
-                Ok((meshes, dps, mtps, insights))
+                Ok((meshes, dps, mtps, mlbs, insights))
             })
             .await;
-        let Some(Ok((meshes, dps, mtps, insights))) = loaded else {
+        let Some(Ok((meshes, dps, mtps, mlbs, insights))) = loaded else {
             tracing::error!("index: the store could not be read; keeping the previous views");
             return;
         };
@@ -253,6 +258,11 @@ impl Index {
         for p in mtps {
             if let (Some(st), Some(r)) = (state.get_mut(&p.key.mesh), parse(&p.body)) {
                 Arc::make_mut(&mut st.mtps).push(Arc::new(r));
+            }
+        }
+        for p in mlbs {
+            if let (Some(st), Some(r)) = (state.get_mut(&p.key.mesh), parse(&p.body)) {
+                Arc::make_mut(&mut st.mlbs).push(Arc::new(r));
             }
         }
         for ((mesh, name), i) in insights {
@@ -340,20 +350,26 @@ impl Index {
             }
             services.extend(st.services_of(&key.name));
             st.rebuild_endpoints(&services);
-        } else if kind == Kind::MeshTrafficPermission.type_name() {
+        } else if kind == Kind::MeshTrafficPermission.type_name()
+            || kind == Kind::MeshLoadBalancingStrategy.type_name()
+        {
             let body = self.read(&key).await;
             let st = state.get_mut(&mesh)?;
-            let mut list: Vec<Arc<Resource>> = st
-                .mtps
+            let list = if kind == Kind::MeshTrafficPermission.type_name() {
+                &mut st.mtps
+            } else {
+                &mut st.mlbs
+            };
+            let mut next: Vec<Arc<Resource>> = list
                 .iter()
                 .filter(|p| p.name != key.name)
                 .cloned()
                 .collect();
             if let Some(r) = body.and_then(|b| parse(&b)) {
-                list.push(Arc::new(r));
-                list.sort_by(|a, b| a.name.cmp(&b.name));
+                next.push(Arc::new(r));
+                next.sort_by(|a, b| a.name.cmp(&b.name));
             }
-            st.mtps = Arc::new(list);
+            *list = Arc::new(next);
         } else if kind == INSIGHT_KIND {
             let body = self.read(&key).await;
             let health = body

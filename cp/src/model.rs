@@ -35,9 +35,10 @@ pub use mesh::{
     MeshSpec, Mtls, MtlsBackend, MtlsMode, ProvidedConf, Rotation, TagsRule,
 };
 pub use policy::{
-    Action, Decision, FromRule, InboundPermissions, MTP_SECTIONS, MtpConf, MtpFrom,
-    PermissionEntry, PolicyConf, PolicySpec, Rule, Sections, TargetRef, TargetRefKind,
-    TargetRefPlace, ToRule, mtp_rules_for_inbound,
+    Action, Decision, FromRule, InboundPermissions, LbType, LoadBalancerConf, MLBS_SECTIONS,
+    MTP_SECTIONS, MlbsConf, MtpConf, MtpFrom, PermissionEntry, PolicyConf, PolicySpec, Rule,
+    Sections, TargetRef, TargetRefKind, TargetRefPlace, ToRule, lb_for_outbound,
+    mtp_rules_for_inbound,
 };
 
 use validate::{Errors, check_name, parse_at};
@@ -94,6 +95,8 @@ pub enum Spec {
     Dataplane(DataplaneSpec),
     /// A `MeshTrafficPermission`'s `spec`.
     MeshTrafficPermission(PolicySpec<MtpConf>),
+    /// A `MeshLoadBalancingStrategy`'s `spec`.
+    MeshLoadBalancingStrategy(PolicySpec<MlbsConf>),
 }
 
 impl Resource {
@@ -242,6 +245,9 @@ impl Resource {
             Spec::MeshTrafficPermission(s) => {
                 serde_json::to_value(s).map(|v| serde_json::json!({ "spec": v }))
             }
+            Spec::MeshLoadBalancingStrategy(s) => {
+                serde_json::to_value(s).map(|v| serde_json::json!({ "spec": v }))
+            }
         };
         // Serialising these plain structs (string keys, no custom serialisers) cannot fail.
         if let Ok(Value::Object(fields)) = body {
@@ -282,6 +288,25 @@ impl Resource {
                         "MeshTrafficPermission '{}' uses AllowWithShadowDeny: traffic is allowed, denials are only logged",
                         self.name
                     ));
+                }
+            }
+            Spec::MeshLoadBalancingStrategy(p) => {
+                for (i, to) in p.to_rules().iter().enumerate() {
+                    let d = &to.default;
+                    if let Some(lb) = &d.load_balancer
+                        && matches!(lb.lb_type, LbType::RingHash | LbType::Maglev | LbType::Random)
+                    {
+                        w.push(format!(
+                            "MeshLoadBalancingStrategy '{}' spec.to[{i}]: {:?} is not implemented by weft-dp yet; it balances round robin",
+                            self.name, lb.lb_type
+                        ));
+                    }
+                    if d.locality_awareness.is_some() || d.hash_policies.is_some() {
+                        w.push(format!(
+                            "MeshLoadBalancingStrategy '{}' spec.to[{i}]: localityAwareness and hashPolicies are kept but not applied yet",
+                            self.name
+                        ));
+                    }
                 }
             }
         }
@@ -360,7 +385,9 @@ fn parse_flat(kind: Kind, body: Value, errs: &mut Errors) -> Option<Spec> {
                 None
             }
         },
-        Kind::MeshTrafficPermission => parse_policy(kind, &body, errs),
+        Kind::MeshTrafficPermission | Kind::MeshLoadBalancingStrategy => {
+            parse_policy(kind, &body, errs)
+        }
     }
 }
 
@@ -370,6 +397,16 @@ fn parse_policy(kind: Kind, spec: &Value, errs: &mut Errors) -> Option<Spec> {
             Ok(mut p) => {
                 p.validate(MTP_SECTIONS, errs);
                 Some(Spec::MeshTrafficPermission(p))
+            }
+            Err(e) => {
+                errs.0.push(e);
+                None
+            }
+        },
+        Kind::MeshLoadBalancingStrategy => match parse_at::<PolicySpec<MlbsConf>>(spec, "spec") {
+            Ok(mut p) => {
+                p.validate(MLBS_SECTIONS, errs);
+                Some(Spec::MeshLoadBalancingStrategy(p))
             }
             Err(e) => {
                 errs.0.push(e);

@@ -157,7 +157,7 @@ pub(crate) fn resources_table(kind: Kind, items: &[Value], now: OffsetDateTime) 
                 .collect();
             table(&["MESH", "NAME", "TAGS", "AGE"], &rows)
         }
-        Kind::MeshTrafficPermission => {
+        Kind::MeshTrafficPermission | Kind::MeshLoadBalancingStrategy => {
             let rows: Vec<Vec<String>> = items
                 .iter()
                 .map(|p| {

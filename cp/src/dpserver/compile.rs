@@ -12,7 +12,10 @@ use weft_api::v1::{
 use crate::index::{EndpointInfo, MeshView};
 use crate::model::Resource;
 use crate::model::mesh::MtlsMode as MeshMode;
-use crate::model::policy::{Action, TargetRef, mtp_rules_for_inbound};
+use crate::model::policy::{Action, LbType, TargetRef, lb_for_outbound, mtp_rules_for_inbound};
+
+#[cfg(test)]
+mod tests;
 
 /// The tag naming an inbound's or outbound's service (tags are normalised to `kuma.io/`).
 const SERVICE_TAG: &str = "kuma.io/service";
@@ -25,6 +28,7 @@ pub fn compile(view: &MeshView, dp: &Resource) -> DataplaneConfig {
         Some(MeshMode::Permissive) => MtlsMode::Permissive,
     };
     let mtps: Vec<&Resource> = view.mtps.iter().map(AsRef::as_ref).collect();
+    let mlbs: Vec<&Resource> = view.mlbs.iter().map(AsRef::as_ref).collect();
     let spec = dp.dataplane();
     let mut inbounds: Vec<pb::Inbound> = spec
         .map(|d| d.inbounds())
@@ -84,12 +88,17 @@ pub fn compile(view: &MeshView, dp: &Resource) -> DataplaneConfig {
                         .collect()
                 })
                 .unwrap_or_default();
+            let lb = match lb_for_outbound(dp, &service, &mlbs) {
+                Some(LbType::LeastRequest) => LoadBalancer::LeastRequest,
+                // RingHash, Maglev and Random are not implemented yet (the policy warns).
+                _ => LoadBalancer::RoundRobin,
+            };
             Some(pb::Outbound {
                 port,
                 address: ob.effective_address().to_owned(),
                 service,
                 endpoints,
-                lb: LoadBalancer::RoundRobin.into(),
+                lb: lb.into(),
             })
         })
         .collect();

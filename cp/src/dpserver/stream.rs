@@ -205,6 +205,7 @@ struct Inputs {
     cas: Option<Arc<crate::meshca::MeshCas>>,
     dataplane: Arc<Resource>,
     mtps: Arc<Vec<Arc<Resource>>>,
+    mlbs: Arc<Vec<Arc<Resource>>>,
     endpoints: BTreeMap<String, Option<Arc<Vec<EndpointInfo>>>>,
 }
 
@@ -229,6 +230,7 @@ impl Inputs {
             cas: view.cas.clone(),
             dataplane: dataplane.clone(),
             mtps: view.mtps.clone(),
+            mlbs: view.mlbs.clone(),
             endpoints: services
                 .into_iter()
                 .map(|s| {
@@ -251,6 +253,7 @@ impl Inputs {
             && opt(&self.cas, &other.cas)
             && Arc::ptr_eq(&self.dataplane, &other.dataplane)
             && Arc::ptr_eq(&self.mtps, &other.mtps)
+            && Arc::ptr_eq(&self.mlbs, &other.mlbs)
             && self.endpoints.len() == other.endpoints.len()
             && self
                 .endpoints

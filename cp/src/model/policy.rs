@@ -322,6 +322,125 @@ pub const MTP_SECTIONS: Sections = Sections {
     rules: false,
 };
 
+/// MeshLoadBalancingStrategy's `default` (per `to[]` destination).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MlbsConf {
+    /// The algorithm and its settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerConf>,
+    /// Kuma's locality-aware balancing (kept as written; not applied yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_awareness: Option<serde_json::Value>,
+    /// Kuma's hash policies (kept as written; not applied yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_policies: Option<serde_json::Value>,
+}
+
+/// `loadBalancer` of a MeshLoadBalancingStrategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerConf {
+    /// The algorithm.
+    #[serde(rename = "type")]
+    pub lb_type: LbType,
+    /// `leastRequest` settings (kept as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub least_request: Option<serde_json::Value>,
+    /// `ringHash` settings (kept as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<serde_json::Value>,
+    /// `maglev` settings (kept as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<serde_json::Value>,
+}
+
+/// Kuma's load-balancing algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LbType {
+    /// Each endpoint in turn (weft's default).
+    RoundRobin,
+    /// The less loaded of two random endpoints.
+    LeastRequest,
+    /// Consistent hashing on a ring (not implemented by weft-dp yet: round robin).
+    RingHash,
+    /// Uniformly random (weft-dp: round robin, which spreads at least as evenly).
+    Random,
+    /// Maglev consistent hashing (not implemented by weft-dp yet: round robin).
+    Maglev,
+}
+
+impl PolicyConf for MlbsConf {
+    fn validate(&self, _path: &str, _errs: &mut Vec<FieldError>) {}
+}
+
+/// The sections MeshLoadBalancingStrategy allows.
+pub const MLBS_SECTIONS: Sections = Sections {
+    from: false,
+    to: true,
+    rules: false,
+};
+
+impl<C: PolicyConf> PolicySpec<C> {
+    /// The `to[]` entries (empty when none).
+    pub fn to_rules(&self) -> &[ToRule<C>] {
+        self.to.as_deref().unwrap_or_default()
+    }
+}
+
+/// The algorithm the MeshLoadBalancingStrategies in `policies` choose for traffic from
+/// `dp` to `service`: the most specific match wins (top-level targetRef, then `to`), ties
+/// going to the name that sorts last, as with other policies here. `None` means the default.
+pub fn lb_for_outbound(dp: &Resource, service: &str, policies: &[&Resource]) -> Option<LbType> {
+    let dp_spec = dp.dataplane()?;
+    let tags: Vec<&BTreeMap<String, String>> = dp_spec.inbound_tags().collect();
+    /// (top specificity, `to` specificity, policy name, choice): the greatest wins.
+    type Candidate = ((u8, usize), (u8, usize), String, LbType);
+    let mut best: Option<Candidate> = None;
+    for p in policies {
+        let Spec::MeshLoadBalancingStrategy(spec) = &p.spec else {
+            continue;
+        };
+        if p.mesh != dp.mesh {
+            continue;
+        }
+        let top = spec.effective_target_ref();
+        let top_ok = match top.kind {
+            TargetRefKind::Dataplane => top.name.as_deref() == Some(dp.name.as_str()),
+            _ => top.selects_dataplane(&dp.name, &tags),
+        };
+        if !top_ok {
+            continue;
+        }
+        for to in spec.to_rules() {
+            let hit = match to.target_ref.kind {
+                TargetRefKind::Mesh => true,
+                TargetRefKind::MeshService => to.target_ref.name.as_deref() == Some(service),
+                _ => false,
+            };
+            let Some(lb) = to.default.load_balancer.as_ref().map(|l| l.lb_type) else {
+                continue;
+            };
+            if !hit {
+                continue;
+            }
+            let key = (
+                top.specificity(),
+                to.target_ref.specificity(),
+                p.name.clone(),
+                lb,
+            );
+            if best
+                .as_ref()
+                .is_none_or(|b| (key.0, key.1, &key.2) >= (b.0, b.1, &b.2))
+            {
+                best = Some(key);
+            }
+        }
+    }
+    best.map(|b| b.3)
+}
+
 /// A traffic permission verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {

@@ -987,3 +987,74 @@ fn refuses_missing_required_fields_with_their_path() {
         "expected one of `enabledBackend`",
     );
 }
+
+const WEB_DP: &str = "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 10.0.0.1\n  inbound:\n  - port: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 2\n    tags:\n      kuma.io/service: backend\n";
+
+fn mlbs(name: &str, top: &str, to: &str, lb: &str) -> Resource {
+    parse(&format!(
+        "type: MeshLoadBalancingStrategy\nmesh: default\nname: {name}\nspec:\n  targetRef:\n{top}  to:\n  - targetRef:\n{to}    default:\n      loadBalancer:\n        type: {lb}\n"
+    ))
+}
+
+#[test]
+fn mesh_load_balancing_strategy_round_trips_warns_and_refuses_from() {
+    let doc = "type: MeshLoadBalancingStrategy\nmesh: default\nname: lb\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  - targetRef:\n      kind: MeshService\n      name: backend\n    default:\n      loadBalancer:\n        type: LeastRequest\n        leastRequest:\n          choiceCount: 2\n";
+    let r = parse(doc);
+    assert_eq!(r.to_json(), yaml(doc));
+    assert!(r.warnings().is_empty(), "{:?}", r.warnings());
+    let ring = mlbs("ring", "    kind: Mesh\n", "      kind: Mesh\n", "RingHash");
+    assert!(
+        ring.warnings()[0].contains("RingHash"),
+        "{:?}",
+        ring.warnings()
+    );
+    refused(
+        "type: MeshLoadBalancingStrategy\nmesh: default\nname: lb\nspec:\n  from:\n  - targetRef:\n      kind: Mesh\n    default: {}\n",
+        "spec.from",
+        "not allowed",
+    );
+    refused(
+        "type: MeshLoadBalancingStrategy\nmesh: default\nname: lb\nspec:\n  to:\n  - targetRef:\n      kind: Mesh\n    default:\n      loadBalancer:\n        type: Fastest\n",
+        "spec.to[0].default.loadBalancer.type",
+        "Fastest",
+    );
+}
+
+#[test]
+fn the_most_specific_load_balancing_strategy_wins() {
+    let dp = parse(WEB_DP);
+    let mesh_wide = mlbs(
+        "a-mesh",
+        "    kind: Mesh\n",
+        "      kind: Mesh\n",
+        "LeastRequest",
+    );
+    let for_backend = mlbs(
+        "b-backend",
+        "    kind: Mesh\n",
+        "      kind: MeshService\n      name: backend\n",
+        "RoundRobin",
+    );
+    let for_other = mlbs(
+        "c-other",
+        "    kind: Mesh\n",
+        "      kind: MeshService\n      name: other\n",
+        "LeastRequest",
+    );
+    let for_db_clients = mlbs(
+        "d-db",
+        "    kind: MeshService\n    name: db\n",
+        "      kind: Mesh\n",
+        "RoundRobin",
+    );
+    assert_eq!(lb_for_outbound(&dp, "backend", &[]), None);
+    assert_eq!(
+        lb_for_outbound(&dp, "backend", &[&mesh_wide, &for_other, &for_db_clients]),
+        Some(LbType::LeastRequest)
+    );
+    assert_eq!(
+        lb_for_outbound(&dp, "backend", &[&for_backend, &mesh_wide]),
+        Some(LbType::RoundRobin),
+        "a MeshService destination is more specific than Mesh"
+    );
+}
