@@ -1,0 +1,124 @@
+//! Real TLS handshakes over in-memory pipes between two `TlsState`s.
+
+use super::*;
+use crate::test_util::{TestCa, now_unix};
+
+fn creds(ca: &TestCa, ids: &[&str], not_after: i64) -> Credentials {
+    let key = crate::identity::generate_key().unwrap();
+    let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    Credentials {
+        cert_chain_pem: ca.leaf(&key, &ids, now_unix() - 60, not_after),
+        key_pem: key,
+        trust_bundle_pem: ca.cert_pem.clone(),
+        not_before: now_unix() - 60,
+        not_after,
+        spiffe_ids: ids,
+    }
+}
+
+/// Handshakes a client of `service` (from `client`) with `server`; returns the services the
+/// server saw in the client's certificate, or the client's error.
+async fn handshake(
+    client: &TlsState,
+    server: &TlsState,
+    service: &str,
+) -> Result<Vec<String>, String> {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
+    let mesh = server.mesh.clone();
+    let srv = tokio::spawn(async move {
+        let s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+        let leaf = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first().cloned());
+        Ok::<_, String>(leaf.map(|l| peer_services(&l, &mesh)).unwrap_or_default())
+    });
+    let connector = tokio_rustls::TlsConnector::from(client.client_for(service).unwrap());
+    let name = ServerName::try_from(service.to_owned()).unwrap();
+    let c = connector.connect(name, a).await.map_err(|e| e.to_string());
+    let s = srv.await.unwrap();
+    c?;
+    s
+}
+
+#[tokio::test]
+async fn outbound_checks_the_servers_spiffe_id_and_inbound_reads_the_clients() {
+    let ca = TestCa::new("mesh CA");
+    let later = now_unix() + 3600;
+    let web = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/web"], later),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    let backend = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/backend"], later),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    assert_eq!(handshake(&web, &backend, "backend").await.unwrap(), ["web"]);
+    let e = handshake(&web, &backend, "db").await.unwrap_err();
+    assert!(
+        e.contains("NotValidForName"),
+        "a server without db's identity: {e}"
+    );
+}
+
+#[tokio::test]
+async fn foreign_and_expired_peers_fail_the_handshake() {
+    let ca = TestCa::new("mesh CA");
+    let other = TestCa::new("another CA");
+    let later = now_unix() + 3600;
+    let backend = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/backend"], later),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    let foreign = TlsState::new(
+        1,
+        "m",
+        &creds(&other, &["spiffe://m/web"], later),
+        &other.cert_pem,
+    )
+    .unwrap();
+    assert!(handshake(&foreign, &backend, "backend").await.is_err());
+    // A client whose own certificate expired: the server refuses it.
+    let expired_client = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/web"], now_unix() - 10),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    assert!(
+        handshake(&expired_client, &backend, "backend")
+            .await
+            .is_err()
+    );
+    // A server whose certificate expired: the client refuses it.
+    let web = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/web"], later),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    let expired_server = TlsState::new(
+        1,
+        "m",
+        &creds(&ca, &["spiffe://m/backend"], now_unix() - 10),
+        &ca.cert_pem,
+    )
+    .unwrap();
+    let e = handshake(&web, &expired_server, "backend")
+        .await
+        .unwrap_err();
+    assert!(e.to_lowercase().contains("expired"), "{e}");
+}
