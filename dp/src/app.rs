@@ -155,8 +155,10 @@ pub async fn run_checked(
     let (health_tx, health_rx) = watch::channel(probe::initial(&targets));
     let health_tx = Arc::new(health_tx);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // Draining stops the probes and the listeners before everything else.
+    // Draining stops the probes first (so they do not report the inbounds ready again), then,
+    // after DRAIN_PROPAGATION, the listeners; everything else last.
     let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(config.admin_address)
         .await
@@ -195,7 +197,7 @@ pub async fn run_checked(
         targets.clone(),
         health_tx.clone(),
         probe::PERIOD,
-        drain_rx.clone(),
+        drain_rx,
     ));
     let (tls_tx, tls_rx) = watch::channel(None);
     tasks.spawn(proxy::tls_task(
@@ -214,7 +216,7 @@ pub async fn run_checked(
         transport: Arc::new(proxy::transport::TcpTls),
         tracker: tracker.clone(),
     };
-    let proxy_task = tokio::spawn(proxy.run(drain_rx));
+    let proxy_task = tokio::spawn(proxy.run(stop_accepting_rx));
     let manager = Manager::new(
         GrpcCertifier::new(cp.clone()),
         dataplane.clone(),
@@ -259,6 +261,7 @@ pub async fn run_checked(
     health_tx.send_replace(probe::draining(&targets));
     let propagate = config.drain_timeout.min(DRAIN_PROPAGATION);
     tokio::time::sleep(propagate).await;
+    stop_accepting_tx.send_replace(true);
     let _ = proxy_task.await;
     let rest = config.drain_timeout.saturating_sub(propagate);
     if tokio::time::timeout(rest, tracker.idle()).await.is_err() {

@@ -252,6 +252,25 @@ impl MeshBed {
         Ok(p)
     }
 
+    /// Starts `weft-testapp tcp-echo` on host `i`'s loopback port `port`.
+    pub fn tcp_echo(&self, i: usize, name: &str, port: u16) -> anyhow::Result<Proc> {
+        let host = self.bed.host(i);
+        let mut cmd = host.command(bin("weft-testapp"));
+        cmd.args(["tcp-echo", "--listen", &format!("127.0.0.1:{port}")]);
+        let p = host.spawn(&format!("tcp-echo-{name}"), cmd)?;
+        p.wait_listening(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Starts `weft-testapp ARGS` inside host `i` in the background (a client such as `load`
+    /// or `tcp-chat`); its output goes to the [`Proc`]'s log.
+    pub fn testapp(&self, i: usize, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+        let host = self.bed.host(i);
+        let mut cmd = host.command(bin("weft-testapp"));
+        cmd.args(args);
+        host.spawn(name, cmd)
+    }
+
     /// `curl` inside host `i`: (exit code, body).
     pub fn curl(&self, i: usize, url: &str) -> (i32, String) {
         let out = self.bed.host(i).run_timeout(

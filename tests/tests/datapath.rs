@@ -3,7 +3,9 @@
 //!
 //! Layout: host 1 runs the CP; `web` runs on host 2 with an outbound to `backend` on
 //! 127.0.0.1:20001; `backend` instances run on hosts 3 (and 4), their inbound on
-//! `10.77.0.1x:10002` in front of an HTTP echo on 127.0.0.1:8080.
+//! `10.77.0.1x:10002` in front of an HTTP echo on 127.0.0.1:8080. Scenario i adds a TCP
+//! service `echo` on host 3 (inbound 10003 in front of a TCP echo on 127.0.0.1:7070) and
+//! web's outbound to it on 127.0.0.1:20003.
 
 use std::time::{Duration, Instant};
 
@@ -393,4 +395,274 @@ fn f_foreign_expired_or_missing_client_certificates_are_refused() -> Result<()> 
 
 fn indent(pem: &str) -> String {
     pem.lines().map(|l| format!("          {l}\n")).collect()
+}
+
+/// Waits (up to `within`) for a background `weft-testapp` client to exit; its last line of
+/// output, parsed as the JSON summary.
+fn summary(p: &Proc, within: Duration) -> Result<serde_json::Value> {
+    let log = wait_for(&format!("{} to finish", p.name()), within, || {
+        (!p.is_running()).then(|| p.log())
+    })?;
+    let last = log.trim().lines().last().unwrap_or("");
+    serde_json::from_str(last).map_err(|e| anyhow::anyhow!("{e}: not a summary: {log}"))
+}
+
+#[test]
+fn g_permissive_accepts_plaintext_and_mtls() -> Result<()> {
+    let mesh = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    mode: PERMISSIVE\n";
+    let shop = Shop::new(1, true, Some(mesh))?;
+    let backend = &shop.backends[0].0;
+    // Through the mesh: web's dataplane still originates mTLS.
+    shop.wait_working(Duration::from_secs(10))?;
+    // Plaintext straight at the backend's inbound from a host without a dataplane.
+    let body = wait_for(
+        "plaintext to reach the backend app",
+        Duration::from_secs(5),
+        || {
+            let (code, body) = shop.mesh.curl(1, "http://10.77.0.13:10002/plain");
+            (code == 0).then_some(body)
+        },
+    )?;
+    assert_eq!(body, "backend-3 GET /plain\n");
+    // Both kinds on the same inbound, none refused.
+    let (code, body) = shop.mesh.curl(2, &format!("{WEB_URL}/mtls"));
+    ensure!(
+        code == 0,
+        "web -> backend failed after the plaintext one: {code}"
+    );
+    assert_eq!(body, "backend-3 GET /mtls\n");
+    assert_eq!(
+        backend.metric("weft_dp_connections_denied_total", &["inbound"]),
+        0.0
+    );
+    assert_eq!(
+        backend.metric("weft_dp_tls_handshake_failures_total", &["inbound"]),
+        0.0
+    );
+    ensure!(backend.metric("weft_dp_connections_opened_total", &["inbound"]) >= 3.0);
+    Ok(())
+}
+
+#[test]
+fn h_sigterm_drains_without_failed_requests() -> Result<()> {
+    let shop = Shop::new(2, true, None)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    // Requests that take 200 ms each: about ten are in flight at any time, some on backend-4
+    // when it is told to stop.
+    let load = shop.mesh.testapp(
+        2,
+        "load",
+        &[
+            "load",
+            "--url",
+            &format!("{WEB_URL}/slow?ms=200"),
+            "--duration",
+            "8s",
+            "--interval",
+            "20ms",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let web_retries = || {
+        shop.web
+            .metric("weft_dp_upstream_connect_failures_total", &["outbound"])
+    };
+    let retries_before = web_retries();
+    let dp4 = &shop.backends[1].0;
+    let drain_timeout = Duration::from_secs(2); // MeshBed::start_dp's --drain-timeout
+    let (status, took, probe) = std::thread::scope(|s| {
+        let t0 = Instant::now();
+        let term = s.spawn(|| dp4.proc.term(drain_timeout + Duration::from_secs(3)));
+        // During the propagation second it still accepts connections (so that nothing is
+        // refused before every other dataplane has learnt it is going). The probe connects,
+        // sends nothing and half-closes; the dataplane closes too.
+        std::thread::sleep(Duration::from_millis(300));
+        let probe = shop.mesh.host(1).run_timeout(
+            [
+                weft_e2e::bin("weft-testapp").display().to_string(),
+                "tcp-send".into(),
+                "--to".into(),
+                "10.77.0.14:10002".into(),
+                "--data".into(),
+                String::new(),
+                "--timeout".into(),
+                "1s".into(),
+            ],
+            Duration::from_secs(5),
+        );
+        let status = term.join().expect("term thread");
+        (status, t0.elapsed(), probe)
+    });
+    let status = status?;
+    eprintln!("backend-4's dataplane exited with {status} after {took:?}");
+    ensure!(
+        status.success(),
+        "the draining dataplane must exit 0: {status}\n{}",
+        dp4.proc.log()
+    );
+    ensure!(
+        took < drain_timeout + Duration::from_secs(2),
+        "drain took {took:?}"
+    );
+    ensure!(
+        probe.status.success(),
+        "backend-4 refused connections at once instead of after the propagation delay: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let log = dp4.proc.log();
+    ensure!(log.contains("draining"), "{log}");
+
+    let v = summary(&load, Duration::from_secs(20))?;
+    assert_eq!(v["failed"], 0, "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 250, "{v}");
+    ensure!(
+        v["served_by"]["backend-4"].as_u64().unwrap_or(0) > 0,
+        "backend-4 served nothing before its drain: {v}"
+    );
+    ensure!(
+        web_retries() == retries_before,
+        "web had to retry connections refused by the draining backend: {} -> {}",
+        retries_before,
+        web_retries()
+    );
+    // The CP saw backend-4's inbound go unready, then the dataplane go.
+    let insight = wait_for(
+        "backend-4 unready and Offline in its insight",
+        Duration::from_secs(5),
+        || {
+            let i = shop.mesh.insight("default", "backend-4").ok()?;
+            (i["status"] == "Offline" && i["inboundHealth"]["10002"] == false).then_some(i)
+        },
+    )?;
+    eprintln!("backend-4's insight: {insight}");
+    Ok(())
+}
+
+/// The default mesh, builtin `ca-1`.
+const MESH_CA1: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+/// The default mesh rotated to a second builtin CA, `ca-1` still trusted: every dataplane
+/// gets a certificate from `ca-2` at once.
+const MESH_CA2: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-2\n  backends:\n  - name: ca-1\n    type: builtin\n  - name: ca-2\n    type: builtin\n";
+
+const ALLOW_ALL: &str = "type: MeshTrafficPermission\nmesh: default\nname: allow-all\nspec:\n  targetRef:\n    kind: Mesh\n  from:\n  - targetRef:\n      kind: Mesh\n    default:\n      action: Allow\n";
+
+/// A permission from `from` to `to`, named `name`.
+fn permission(name: &str, from: &str, to: &str) -> String {
+    format!(
+        "type: MeshTrafficPermission\nmesh: default\nname: {name}\nspec:\n  targetRef:\n    kind: MeshService\n    name: {to}\n  from:\n  - targetRef:\n      kind: MeshService\n      name: {from}\n    default:\n      action: Allow\n"
+    )
+}
+
+#[test]
+fn i_established_connections_survive_config_and_certificate_changes() -> Result<()> {
+    let mesh = MeshBed::new(3)?;
+    mesh.apply("mesh", MESH_CA1)?;
+    mesh.apply("allow-all", ALLOW_ALL)?;
+    // A TCP service `echo` on host 3, and web on host 2 with an outbound to it.
+    let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
+    let echo = mesh.start_dp(
+        3,
+        "default",
+        "echo",
+        "echo",
+        "type: Dataplane\nmesh: default\nname: echo\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: echo\n      kuma.io/protocol: tcp\n",
+    )?;
+    let _web_app = mesh.http_echo(2, "web", 8081)?;
+    let web = mesh.start_dp(
+        2,
+        "default",
+        "web",
+        "web",
+        "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: echo\n",
+    )?;
+    let config = |dp: &Dataplane| -> Option<serde_json::Value> {
+        serde_json::from_str(&dp.admin("/config").ok()?).ok()
+    };
+    wait_for("web -> echo to work", Duration::from_secs(20), || {
+        let out = mesh.host(2).run_timeout(
+            [
+                weft_e2e::bin("weft-testapp").display().to_string(),
+                "tcp-send".into(),
+                "--to".into(),
+                "127.0.0.1:20003".into(),
+                "--data".into(),
+                "ping".into(),
+                "--timeout".into(),
+                "2s".into(),
+            ],
+            Duration::from_secs(5),
+        );
+        (out.stdout == b"ping").then_some(())
+    })?;
+
+    // One connection for 10 s, a line echoed every 200 ms.
+    let chat = mesh.testapp(
+        2,
+        "tcp-chat",
+        &[
+            "tcp-chat",
+            "--to",
+            "127.0.0.1:20003",
+            "--every",
+            "200ms",
+            "--duration",
+            "10s",
+        ],
+    )?;
+    wait_for("tcp-chat to connect", Duration::from_secs(5), || {
+        chat.log().contains("connected to").then_some(())
+    })?;
+    let echo_connections = echo.metric("weft_dp_connections_opened_total", &["inbound"]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A config change on both ends: new permissions for web's and echo's inbounds.
+    let version = |dp: &Dataplane| config(dp).map(|c| c["version"].clone());
+    let (web_v0, echo_v0) = (version(&web), version(&echo));
+    ensure!(web_v0.is_some() && echo_v0.is_some(), "no config versions");
+    mesh.apply("echo-to-web", &permission("echo-to-web", "echo", "web"))?;
+    mesh.apply("web-to-echo", &permission("web-to-echo", "web", "echo"))?;
+    wait_for(
+        "new config versions on web and echo",
+        Duration::from_secs(3),
+        || (version(&web) != web_v0 && version(&echo) != echo_v0).then_some(()),
+    )?;
+
+    // A CA rotation: both dataplanes get new certificates (from ca-2) and a new trust bundle.
+    let renewals = |dp: &Dataplane| dp.metric("weft_dp_cert_renewals_total", &[]);
+    let (web_r0, echo_r0) = (renewals(&web), renewals(&echo));
+    let web_cert0 = std::fs::read_to_string(web.state_dir.join("cert.pem"))?;
+    mesh.apply("mesh", MESH_CA2)?;
+    wait_for(
+        "web and echo renewed their certificates",
+        Duration::from_secs(5),
+        || (renewals(&web) > web_r0 && renewals(&echo) > echo_r0).then_some(()),
+    )?;
+    ensure!(std::fs::read_to_string(web.state_dir.join("cert.pem"))? != web_cert0);
+    ensure!(chat.is_running(), "tcp-chat ended early: {}", chat.log());
+
+    let v = summary(&chat, Duration::from_secs(20))?;
+    eprintln!("tcp-chat: {v}");
+    assert_eq!(v["error"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["sent"], v["echoed"], "{v}");
+    ensure!(v["sent"].as_u64().unwrap_or(0) >= 40, "{v}");
+    // It really was one connection the whole time.
+    assert_eq!(
+        echo.metric("weft_dp_connections_opened_total", &["inbound"]),
+        echo_connections,
+        "tcp-chat reconnected"
+    );
+    // And new connections use the new certificates.
+    let out = mesh.host(2).run_timeout(
+        [
+            weft_e2e::bin("weft-testapp").display().to_string(),
+            "tcp-send".into(),
+            "--to".into(),
+            "127.0.0.1:20003".into(),
+            "--data".into(),
+            "after".into(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after");
+    Ok(())
 }

@@ -7,12 +7,17 @@
 //!
 //! - `http-echo --listen ADDR --name NAME`: HTTP/1.1 with keep-alive. Every request gets 200,
 //!   header `x-served-by: NAME` and body `NAME <METHOD> <PATH>\n`; `GET /big?bytes=N` answers N
-//!   bytes of `x` instead (streamed, for throughput checks).
+//!   bytes of `x` instead (streamed, for throughput checks); `GET /slow?ms=N` answers as usual
+//!   after N ms (requests in flight for a while, for drain checks).
 //! - `tcp-echo --listen ADDR`: echoes bytes until the peer's EOF, then shuts down its own write
 //!   side (a half-close is passed on, not turned into a reset).
 //! - `tcp-send --to ADDR --data STR [--timeout 5s]`: connects, writes STR, shuts down its write
 //!   side, reads until EOF and prints exactly what it read (no newline added). Exits 1 on an
 //!   error or when the timeout passes before EOF.
+//! - `tcp-chat --to ADDR --every 200ms --duration 15s [--timeout 2s]`: ONE connection for the
+//!   whole duration; every interval it writes a line and reads it back, checking the echo.
+//!   Prints `connected to ADDR` once connected, and at the end one JSON line
+//!   `{"sent":N,"echoed":M,"error":null|"..."}` (stopping at the first error) and exits 0.
 //! - `load --url http://HOST:PORT/PATH --duration 30s --interval 20ms [--timeout 2s]`: starts one
 //!   `GET` every interval, each on a fresh TCP connection, and at the end prints one JSON line
 //!   `{"ok":N,"failed":M,"errors":["..."],"served_by":{"NAME":count}}` and exits 0; the test
@@ -34,7 +39,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser)]
@@ -76,6 +81,22 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// One connection for the whole duration, a line echoed every interval; prints a JSON
+    /// summary.
+    TcpChat {
+        /// Where to connect (IP:PORT or HOST:PORT).
+        #[arg(long)]
+        to: String,
+        /// Time between lines.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// How long to keep the connection and send lines.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Deadline of the connect and of each echo.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// One request per interval on fresh connections; prints a JSON summary.
     Load {
         /// `http://HOST:PORT/PATH`.
@@ -114,6 +135,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Cmd::HttpEcho { listen, name } => http_echo(listen, name).await,
             Cmd::TcpEcho { listen } => tcp_echo(listen).await,
             Cmd::TcpSend { to, data, timeout } => tcp_send(&to, &data, timeout).await,
+            Cmd::TcpChat {
+                to,
+                every,
+                duration,
+                timeout,
+            } => tcp_chat(&to, every, duration, timeout).await,
             Cmd::Load {
                 url,
                 duration,
@@ -152,7 +179,13 @@ async fn http_echo(listen: SocketAddr, name: String) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let name = name.clone();
-                async move { Ok::<_, Infallible>(echo_response(&name, &req)) }
+                async move {
+                    if req.uri().path() == "/slow" {
+                        let ms = query_u64(req.uri(), "ms").unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    Ok::<_, Infallible>(echo_response(&name, &req))
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -186,9 +219,15 @@ fn echo_response(name: &str, req: &Request<Incoming>) -> Response<Body> {
 }
 
 fn big_bytes(uri: &Uri) -> Option<u64> {
+    query_u64(uri, "bytes")
+}
+
+/// The value of `key=N` in the query.
+fn query_u64(uri: &Uri, key: &str) -> Option<u64> {
     uri.query()?
         .split('&')
-        .find_map(|kv| kv.strip_prefix("bytes="))?
+        .filter_map(|kv| kv.split_once('='))
+        .find_map(|(k, v)| (k == key).then_some(v))?
         .parse()
         .ok()
 }
@@ -244,6 +283,64 @@ async fn tcp_send(to: &str, data: &str, timeout: Duration) -> anyhow::Result<()>
     let mut out = std::io::stdout().lock();
     out.write_all(&got)?;
     out.flush()?;
+    Ok(())
+}
+
+async fn tcp_chat(
+    to: &str,
+    every: Duration,
+    duration: Duration,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let (mut sent, mut echoed) = (0u64, 0u64);
+    let result = async {
+        let s = tokio::time::timeout(timeout, TcpStream::connect(to))
+            .await
+            .map_err(|_| format!("connect {to}: timed out after {timeout:?}"))?
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "connected to {to}");
+            let _ = out.flush();
+        }
+        let (r, mut w) = s.into_split();
+        let mut r = tokio::io::BufReader::new(r);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = tokio::time::Instant::now() + duration;
+        let mut line = String::new();
+        loop {
+            tick.tick().await;
+            if tokio::time::Instant::now() >= end {
+                return Ok(());
+            }
+            let msg = format!("line {sent}\n");
+            w.write_all(msg.as_bytes())
+                .await
+                .map_err(|e| format!("write of line {sent}: {e}"))?;
+            sent += 1;
+            line.clear();
+            let n = tokio::time::timeout(timeout, r.read_line(&mut line))
+                .await
+                .map_err(|_| format!("no echo of line {} within {timeout:?}", sent - 1))?
+                .map_err(|e| format!("read of line {}: {e}", sent - 1))?;
+            if n == 0 {
+                return Err(format!("EOF instead of the echo of line {}", sent - 1));
+            }
+            if line != msg {
+                return Err(format!("echo {line:?} instead of {msg:?}"));
+            }
+            echoed += 1;
+        }
+    }
+    .await;
+    let summary = serde_json::json!({
+        "sent": sent,
+        "echoed": echoed,
+        "error": result.err(),
+    });
+    println!("{summary}");
     Ok(())
 }
 
