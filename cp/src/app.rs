@@ -166,11 +166,37 @@ pub async fn run(
             sans: tls::default_sans(config.dp_server_address.ip(), &config.dp_server_tls_sans),
         },
     };
-    let server_tls = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let load_tls = move || -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let (cert, key) = tls::serving_material(&source)?;
         Ok(tls::server_config(&cert, &key)?)
-    })
-    .await??;
+    };
+    let reload_tls = load_tls.clone();
+    let server_tls = tokio::task::spawn_blocking(load_tls).await??;
+    let (tls_tx, tls_rx) = tokio::sync::watch::channel(server_tls);
+    // SIGHUP (systemctl reload): the serving certificate is read (or re-issued) again; open
+    // streams keep theirs. Other settings need a restart.
+    let reload = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            weft_systemd::reloading();
+            let f = reload_tls.clone();
+            match tokio::task::spawn_blocking(f).await {
+                Ok(Ok(c)) => {
+                    tls_tx.send_replace(c);
+                    tracing::info!("SIGHUP: reloaded the dataplane server's certificate");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: keeping the previous certificate")
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+            }
+            weft_systemd::ready("serving");
+        }
+    });
 
     // No stream survives a restart: whatever the last run left Online is Offline now.
     let s = store.clone();
@@ -238,6 +264,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        weft_systemd::stopping("shutting down");
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -250,20 +277,20 @@ pub async fn run(
         dp_server = %listeners.dp_server.local_addr()?,
         "weft-cp serving"
     );
-    let dp_srv = dpserver::serve(
-        dps,
-        listeners.dp_server,
-        server_tls,
-        stopped(stop_rx.clone()),
-    );
+    let dp_addr = listeners.dp_server.local_addr()?;
+    let dp_srv = dpserver::serve(dps, listeners.dp_server, tls_rx, stopped(stop_rx.clone()));
     let api_srv = axum::serve(listeners.api, api).with_graceful_shutdown(stopped(stop_rx.clone()));
     let diag_srv =
         axum::serve(listeners.diagnostics, diag).with_graceful_shutdown(stopped(stop_rx));
     ready.store(true, Ordering::Release);
     metrics.up.set(1);
+    weft_systemd::ready(&format!("serving; dataplane server on {dp_addr}"));
+    let watchdog = tokio::spawn(weft_systemd::watchdog());
     let (a, d, p) = tokio::join!(api_srv.into_future(), diag_srv.into_future(), dp_srv);
     gc.abort();
     forget.abort();
+    reload.abort();
+    watchdog.abort();
     a.context("REST API server")?;
     d.context("diagnostics server")?;
     p.context("dataplane server")?;

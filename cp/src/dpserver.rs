@@ -272,14 +272,14 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Serves the dataplane server on `listener` until `shutdown` resolves; open streams are sent
-/// a `Close { code: DRAINING }` and end.
+/// a `Close { code: DRAINING }` and end. Each handshake uses the TLS configuration `tls` holds
+/// at that moment, so a reloaded serving certificate applies to new connections at once.
 pub async fn serve(
     server: Arc<DpServer>,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -306,7 +306,7 @@ pub async fn serve(
                     () = stopped(&mut stop_rx) => return,
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
+                let acceptor = TlsAcceptor::from(tls.borrow().clone());
                 let conn_tx = conn_tx.clone();
                 tokio::spawn(async move {
                     let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;

@@ -47,17 +47,12 @@ enum LogFormat {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colours only on a terminal: a log file or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    // The journal (with structured fields) under systemd; stderr otherwise.
+    let format = match format {
+        LogFormat::Text => weft_systemd::Format::Text,
+        LogFormat::Json => weft_systemd::Format::Json,
+    };
+    weft_systemd::init_logging("WEFT_LOG", "info", format);
 }
 
 fn main() -> ExitCode {

@@ -112,6 +112,14 @@ pub fn check(config: Config) -> Result<Checked> {
     })
 }
 
+/// The version of the first applied config (`None` if the channel closed first).
+async fn first_version(
+    cfg: &mut watch::Receiver<Option<Arc<crate::model::Applied>>>,
+) -> Option<String> {
+    let applied = cfg.wait_for(Option::is_some).await.ok()?;
+    applied.as_ref().map(|a| a.version.clone())
+}
+
 /// Runs the dataplane until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -230,7 +238,50 @@ pub async fn run_checked(
         attempted_tx,
         metrics.clone(),
     );
-    tasks.spawn(manager.run(config_rx.clone(), shutdown_rx.clone()));
+    // SIGHUP (systemctl reload): renew the certificate at once (re-reading the token file if
+    // the certificate no longer authenticates); listeners swap it in, open connections stay.
+    let (renew_tx, renew_rx) = watch::channel(0u64);
+    tasks.spawn(manager.run(config_rx.clone(), renew_rx, shutdown_rx.clone()));
+    {
+        let mut stop = shutdown_rx.clone();
+        tasks.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                warn!("cannot listen for SIGHUP; reload is unavailable");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    r = hup.recv() => if r.is_none() { return },
+                    () = crate::shutdown::stopped(&mut stop) => return,
+                }
+                weft_systemd::reloading();
+                renew_tx.send_modify(|n| *n += 1);
+                weft_systemd::ready("reloaded: renewing the certificate");
+            }
+        });
+    }
+    // READY=1 once the first config is applied (listeners follow it), then the watchdog.
+    {
+        let mut cfg = config_rx.clone();
+        let mut stop = shutdown_rx.clone();
+        let name = dataplane.name.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                version = first_version(&mut cfg) => {
+                    weft_systemd::ready(&format!(
+                        "dataplane {name}: config {}",
+                        version.unwrap_or_default()
+                    ));
+                }
+                () = crate::shutdown::stopped(&mut stop) => return,
+            }
+            tokio::select! {
+                () = weft_systemd::watchdog() => {}
+                () = crate::shutdown::stopped(&mut stop) => {}
+            }
+        });
+    }
     let client = discovery::Client::new(
         cp,
         dataplane,
@@ -254,6 +305,7 @@ pub async fn run_checked(
     tasks.spawn(client.run());
 
     shutdown.await;
+    weft_systemd::stopping("draining");
     // Drain: report every inbound unready (the CP stops sending new traffic here), give that
     // a moment to reach the other dataplanes, stop accepting, let open connections finish.
     info!(drain_timeout = ?config.drain_timeout, "draining");

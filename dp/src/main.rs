@@ -92,13 +92,8 @@ fn load(f: Flags) -> Result<Config, String> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The journal (with structured fields) under systemd; stderr otherwise.
+    weft_systemd::init_logging("RUST_LOG", "info", weft_systemd::Format::Text);
 }
 
 async fn shutdown_signal() {

@@ -486,12 +486,15 @@ impl<C: Certifier> Manager<C> {
         true
     }
 
-    /// Runs until `shutdown` turns true, renewing as needed. `config` is the applied config.
+    /// Runs until `shutdown` turns true, renewing as needed. `config` is the applied config;
+    /// each change of `renew_now` (SIGHUP) renews at once.
     pub async fn run(
         self,
         mut config: watch::Receiver<Option<Arc<Applied>>>,
+        mut renew_now: watch::Receiver<u64>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut renew_open = true;
         let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let mut backoff = Backoff::new(self.settings.max_backoff);
         let mut rotated_for: Option<String> = None;
@@ -529,6 +532,13 @@ impl<C: Certifier> Manager<C> {
                         }
                     }
                     continue;
+                }
+                changed = renew_now.changed(), if renew_open => {
+                    if changed.is_err() {
+                        renew_open = false;
+                        continue;
+                    }
+                    info!("renewing the certificate now, as asked (SIGHUP)");
                 }
                 () = crate::shutdown::stopped(&mut shutdown) => return,
             }

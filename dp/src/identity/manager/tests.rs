@@ -292,7 +292,8 @@ async fn run_certifies_at_once_and_signals_the_attempt() {
     } = r;
     let (_config_tx, config_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(manager.run(config_rx, stop_rx));
+    let (renew_tx, renew_rx) = watch::channel(0u64);
+    let task = tokio::spawn(manager.run(config_rx, renew_rx, stop_rx));
     let got = tokio::time::timeout(Duration::from_secs(10), creds.wait_for(Option::is_some))
         .await
         .expect("certified in time")
@@ -300,6 +301,14 @@ async fn run_certifies_at_once_and_signals_the_attempt() {
         .clone();
     assert!(got.is_some());
     assert_eq!(fake.calls().len(), 1);
+    // SIGHUP's renewal: a second Certify at once, with the certificate.
+    renew_tx.send_replace(1);
+    crate::test_util::eventually("a renewal on request", Duration::from_secs(5), || {
+        let n = fake.calls().len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    assert!(fake.calls()[1].with_cert, "{:?}", fake.calls());
     stop_tx.send_replace(true);
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
