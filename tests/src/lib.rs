@@ -7,6 +7,7 @@
 
 pub mod meshbed;
 pub mod netns;
+pub mod vmbed;
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
