@@ -71,6 +71,8 @@ pub struct FileConfig {
     pub status_interval: Option<String>,
     /// How long SIGTERM waits for open connections to finish, e.g. `"10s"`.
     pub drain_timeout: Option<String>,
+    /// Threads of the async runtime (default: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 /// A checked configuration.
@@ -96,6 +98,8 @@ pub struct Config {
     pub status_interval: Duration,
     /// How long a drain waits for open connections.
     pub drain_timeout: Duration,
+    /// Threads of the async runtime; `None`: one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -136,7 +140,8 @@ impl FileConfig {
             admin_address,
             reconnect_max_backoff,
             status_interval,
-            drain_timeout
+            drain_timeout,
+            worker_threads
         );
         self
     }
@@ -203,6 +208,15 @@ impl FileConfig {
             reconnect_max_backoff,
             status_interval,
             drain_timeout,
+            worker_threads: match self.worker_threads {
+                Some(0) => {
+                    return Err(Error::Invalid {
+                        field: "worker_threads".into(),
+                        message: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
         })
     }
 }

@@ -63,6 +63,9 @@ struct Flags {
     /// On SIGTERM: how long open connections may take to finish, e.g. 10s (the default).
     #[arg(long)]
     drain_timeout: Option<String>,
+    /// Threads of the async runtime (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 fn load(f: Flags) -> Result<Config, String> {
@@ -87,6 +90,7 @@ fn load(f: Flags) -> Result<Config, String> {
         reconnect_max_backoff: f.reconnect_max_backoff,
         status_interval: f.status_interval,
         drain_timeout: f.drain_timeout,
+        worker_threads: f.worker_threads,
     };
     base.overlay(flags).check().map_err(|e| e.to_string())
 }
@@ -137,10 +141,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = checked.config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("weft-dp: cannot start the runtime: {e}");

@@ -270,6 +270,7 @@ async fn joins_acks_nacks_serves_config_and_survives_cp_restart() {
         reconnect_max_backoff: Duration::from_millis(500),
         status_interval: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(1),
+        worker_threads: None,
     };
     let (dp_stop, dp_task) = start_dp(config.clone());
 
