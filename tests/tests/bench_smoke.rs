@@ -1,0 +1,91 @@
+//! Keeps the benchmark harness from rotting: `weft-bench datapath --smoke` and
+//! `weft-bench cp --smoke` run for real (network namespaces, the debug binaries beside this
+//! test) and their tables must hold numbers. The figures themselves are not judged here.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Result, ensure};
+use weft_e2e::netns::Testbed;
+
+fn bench(args: &[&str], out: &Path) -> Result<String> {
+    let t0 = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()?;
+    eprintln!(
+        "weft-bench {args:?} took {:?}\nstderr:\n{}",
+        t0.elapsed(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ensure!(
+        o.status.success(),
+        "weft-bench {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let table = std::fs::read_to_string(out)?;
+    ensure!(
+        String::from_utf8_lossy(&o.stdout).contains(table.trim()),
+        "the printed table differs from the file"
+    );
+    Ok(table)
+}
+
+/// The first figure of the table row of `path`.
+fn first_figure(table: &str, path: &str) -> Option<f64> {
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("| {path} |")))?;
+    row.split('|')
+        .nth(2)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn datapath_smoke_has_numbers() -> Result<()> {
+    assert!(Testbed::available(), "network namespaces need root");
+    let dir = tempfile::tempdir()?;
+    let table = bench(&["datapath", "--smoke"], &dir.path().join("datapath.md"))?;
+    eprintln!("{table}");
+    for path in ["direct", "weft"] {
+        let rps = first_figure(&table, path);
+        ensure!(
+            rps.is_some_and(|v| v > 0.0),
+            "no req/s for {path}: {rps:?}\n{table}"
+        );
+    }
+    ensure!(table.contains("### Targets"), "{table}");
+    Ok(())
+}
+
+#[test]
+fn cp_smoke_has_numbers() -> Result<()> {
+    assert!(Testbed::available(), "network namespaces need root");
+    let dir = tempfile::tempdir()?;
+    let table = bench(&["cp", "--smoke"], &dir.path().join("cp.md"))?;
+    eprintln!("{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| all 20 registered"))
+        .unwrap_or_default();
+    let secs: Option<f64> = row
+        .split('|')
+        .nth(2)
+        .and_then(|c| c.split_whitespace().next()?.parse().ok());
+    ensure!(
+        secs.is_some_and(|s| s > 0.0),
+        "no registration time: {row:?}\n{table}"
+    );
+    ensure!(
+        table.contains("| dataplanes that did not ACK the change | 0 |"),
+        "{table}"
+    );
+    Ok(())
+}
