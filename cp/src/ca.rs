@@ -557,11 +557,19 @@ pub fn trust_bundle(roots: &[&Ca]) -> String {
 pub fn spiffe_ids_of(cert_pem: &str) -> Result<Vec<String>> {
     let pem = parse_pem_cert(cert_pem, "certificate")?;
     let cert = parse_x509(&pem, "certificate")?;
-    let san = cert.subject_alternative_name().map_err(|e| Error::Cert {
+    // Fail on a malformed SAN extension rather than reading it as "no SANs".
+    cert.subject_alternative_name().map_err(|e| Error::Cert {
         what: "certificate",
         reason: e.to_string(),
     })?;
-    Ok(san
+    Ok(uri_sans(&cert))
+}
+
+/// The URI SANs of a certificate (empty without a readable SAN extension).
+fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
         .map(|san| {
             san.value
                 .general_names
@@ -572,7 +580,7 @@ pub fn spiffe_ids_of(cert_pem: &str) -> Result<Vec<String>> {
                 })
                 .collect()
         })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 fn check_valid_now(cert: &X509Certificate<'_>, what: &'static str) -> Result<()> {
@@ -620,21 +628,7 @@ pub fn verify_chain_der(leaf_der: &[u8], bundle_pem: &str) -> Result<LeafInfo> {
     let info = LeafInfo {
         organization: first(&mut leaf.subject().iter_organization()),
         common_name: first(&mut leaf.subject().iter_common_name()),
-        spiffe_ids: leaf
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        GeneralName::URI(u) => Some((*u).to_owned()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        spiffe_ids: uri_sans(&leaf),
         not_after: leaf.validity().not_after.to_datetime(),
     };
     let roots = Pem::iter_from_buffer(bundle_pem.as_bytes())

@@ -15,6 +15,7 @@
 //! TLS over TCP without touching listeners or balancing.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -291,6 +292,50 @@ async fn bind(
     }
 }
 
+/// Accepts on `addr` until `stop`, serving each connection in its own task with `serve`,
+/// counted in `metrics` and `tracker`; open connections outlive the listener.
+async fn accept_loop<F, Fut>(
+    addr: SocketAddr,
+    what: &'static str,
+    mut stop: watch::Receiver<bool>,
+    tracker: Arc<Tracker>,
+    metrics: ListenerMetrics,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let Some(listener) = bind(addr, what, &mut stop).await else {
+        return;
+    };
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::shutdown::stopped(&mut stop) => break,
+        };
+        let guard = tracker.enter();
+        let metrics = metrics.clone();
+        let conn = serve(tcp, peer);
+        tokio::spawn(async move {
+            metrics.opened.inc();
+            metrics.active.inc();
+            if let Err(e) = conn.await {
+                debug!(%peer, what, error = %e, "connection ended with an error");
+            }
+            metrics.active.dec();
+            drop(guard);
+        });
+    }
+    info!(addr = %self_addr(&listener), what, "stopped accepting");
+}
+
 /// Copies both ways until both sides are done; returns (to upstream, from upstream).
 async fn splice<A, B>(mut down: A, mut up: B) -> io::Result<(u64, u64)>
 where
@@ -334,36 +379,14 @@ struct InboundListener {
 }
 
 impl InboundListener {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Some(listener) = bind(self.bind, "inbound", &mut stop).await else {
-            return;
-        };
+    async fn run(self, stop: watch::Receiver<bool>) {
+        let (addr, tracker, metrics) = (self.bind, self.tracker.clone(), self.metrics.clone());
         let this = Arc::new(self);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = crate::shutdown::stopped(&mut stop) => break,
-            };
-            let guard = this.tracker.enter();
+        accept_loop(addr, "inbound", stop, tracker, metrics, move |tcp, peer| {
             let this = this.clone();
-            tokio::spawn(async move {
-                this.metrics.opened.inc();
-                this.metrics.active.inc();
-                if let Err(e) = this.serve(tcp, peer).await {
-                    debug!(%peer, error = %e, "inbound connection ended with an error");
-                }
-                this.metrics.active.dec();
-                drop(guard);
-            });
-        }
-        info!(addr = %self_addr(&listener), "inbound stopped accepting");
+            async move { this.serve(tcp, peer).await }
+        })
+        .await;
     }
 
     async fn serve(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
@@ -514,36 +537,21 @@ struct OutboundListener {
 }
 
 impl OutboundListener {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Some(listener) = bind(self.bind, "outbound", &mut stop).await else {
-            return;
-        };
+    async fn run(self, stop: watch::Receiver<bool>) {
+        let (addr, tracker, metrics) = (self.bind, self.tracker.clone(), self.metrics.clone());
         let this = Arc::new(self);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "outbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = crate::shutdown::stopped(&mut stop) => break,
-            };
-            let guard = this.tracker.enter();
-            let this = this.clone();
-            tokio::spawn(async move {
-                this.metrics.opened.inc();
-                this.metrics.active.inc();
-                if let Err(e) = this.serve(tcp).await {
-                    debug!(%peer, error = %e, "outbound connection ended with an error");
-                }
-                this.metrics.active.dec();
-                drop(guard);
-            });
-        }
-        info!(addr = %self_addr(&listener), "outbound stopped accepting");
+        accept_loop(
+            addr,
+            "outbound",
+            stop,
+            tracker,
+            metrics,
+            move |tcp, _peer| {
+                let this = this.clone();
+                async move { this.serve(tcp).await }
+            },
+        )
+        .await;
     }
 
     async fn serve(&self, tcp: TcpStream) -> io::Result<()> {

@@ -218,7 +218,8 @@ pub fn delta(base_version: &str, base: &DataplaneConfig, next: &DataplaneConfig)
 }
 
 /// Applies `d` to `base`: what the dataplane does, here to test `delta` against.
-pub fn apply_delta(base: &DataplaneConfig, d: &ConfigDelta) -> DataplaneConfig {
+#[cfg(test)]
+pub(crate) fn apply_delta(base: &DataplaneConfig, d: &ConfigDelta) -> DataplaneConfig {
     let mut out = base.clone();
     if let Some(m) = d.mtls_mode {
         out.mtls_mode = m;
