@@ -61,6 +61,7 @@ fn config_for(hello: &Hello) -> DataplaneConfig {
         mesh: hello.mesh.clone(),
         dataplane_name: hello.dataplane_name.clone(),
         mtls_mode: MtlsMode::Strict.into(),
+        transport: weft_api::v1::dataplane_config::Transport::Quic.into(),
         trust_bundle_pem: "BUNDLE".into(),
         inbounds: vec![Inbound {
             port: 10001,
@@ -223,6 +224,10 @@ async fn discovery_hello_config_ack() -> Result<()> {
     assert_eq!(config.mesh, "default");
     assert_eq!(config.dataplane_name, "web-1");
     assert_eq!(config.mtls_mode(), MtlsMode::Strict);
+    assert_eq!(
+        config.transport(),
+        weft_api::v1::dataplane_config::Transport::Quic
+    );
     assert_eq!(
         config.inbounds[0].rules[0].action(),
         Action::AllowWithShadowDeny

@@ -221,7 +221,7 @@ pub async fn run_checked(
         config: config_rx.clone(),
         tls: tls_rx,
         metrics: metrics.proxy.clone(),
-        transport: Arc::new(proxy::transport::TcpTls),
+        dialer: Arc::new(proxy::transport::Dialer::default()),
         tracker: tracker.clone(),
     };
     let proxy_task = tokio::spawn(proxy.run(stop_accepting_rx));

@@ -69,6 +69,12 @@ pub struct ProxyMetrics {
     pub connect_failures: Family<ListenerLabels, Counter>,
     /// Time to connect to the upstream (TCP, plus TLS for outbounds), seconds.
     pub connect_seconds: HistogramFamily,
+    /// Proxied connections carried as QUIC streams.
+    pub quic_streams: Family<ListenerLabels, Counter>,
+    /// TLS handshakes that resumed an earlier session.
+    pub tls_resumed: Family<ListenerLabels, Counter>,
+    /// Proxied connections carried as HTTP/2 streams of a pooled TLS connection.
+    pub pooled_streams: Family<ListenerLabels, Counter>,
 }
 
 /// The metric handles of one listener, resolved once so that a connection only touches atomics.
@@ -90,6 +96,12 @@ pub struct ListenerMetrics {
     pub connect_failures: Counter,
     /// See [`ProxyMetrics::connect_seconds`].
     pub connect_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// See [`ProxyMetrics::quic_streams`].
+    pub quic_streams: Counter,
+    /// See [`ProxyMetrics::tls_resumed`].
+    pub tls_resumed: Counter,
+    /// See [`ProxyMetrics::pooled_streams`].
+    pub pooled_streams: Counter,
 }
 
 impl ProxyMetrics {
@@ -103,10 +115,13 @@ impl ProxyMetrics {
             tls_failures: Family::default(),
             connect_failures: Family::default(),
             connect_seconds: Family::new_with_constructor(connect_buckets as fn() -> _),
+            quic_streams: Family::default(),
+            tls_resumed: Family::default(),
+            pooled_streams: Family::default(),
         };
         registry.register(
             "weft_dp_connections_opened",
-            "Connections accepted",
+            "Connections accepted: TCP connections, and each stream of a QUIC or pooled connection",
             m.opened.clone(),
         );
         registry.register(
@@ -144,6 +159,21 @@ impl ProxyMetrics {
             "Time to connect to the upstream (TCP, and TLS for outbounds)",
             m.connect_seconds.clone(),
         );
+        registry.register(
+            "weft_dp_quic_streams",
+            "Proxied connections carried as streams of a QUIC connection between dataplanes",
+            m.quic_streams.clone(),
+        );
+        registry.register(
+            "weft_dp_tls_resumed",
+            "TLS handshakes between dataplanes that resumed an earlier session",
+            m.tls_resumed.clone(),
+        );
+        registry.register(
+            "weft_dp_pooled_streams",
+            "Proxied connections carried as HTTP/2 streams of a pooled TLS connection between dataplanes",
+            m.pooled_streams.clone(),
+        );
         m
     }
 
@@ -163,6 +193,9 @@ impl ProxyMetrics {
             tls_failures: self.tls_failures.get_or_create(&l).clone(),
             connect_failures: self.connect_failures.get_or_create(&l).clone(),
             connect_seconds: self.connect_seconds.get_or_create(&l).clone(),
+            quic_streams: self.quic_streams.get_or_create(&l).clone(),
+            tls_resumed: self.tls_resumed.get_or_create(&l).clone(),
+            pooled_streams: self.pooled_streams.get_or_create(&l).clone(),
         }
     }
 }

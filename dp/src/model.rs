@@ -56,6 +56,9 @@ pub struct DataplaneConfig {
     pub dataplane_name: String,
     /// How inbound traffic must be secured.
     pub mtls_mode: MtlsMode,
+    /// How outbounds reach other dataplanes with mTLS on (inbounds accept QUIC unless `Tls`).
+    #[serde(default)]
+    pub transport: Transport,
     /// Every root trusted in the mesh (PEM); empty without mTLS.
     pub trust_bundle_pem: String,
     /// The root that signs new certificates (PEM); empty without mTLS.
@@ -78,6 +81,21 @@ pub enum MtlsMode {
     Permissive,
     /// No mTLS.
     Disabled,
+}
+
+/// The transport between dataplanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS over TCP, a connection per proxied connection.
+    #[default]
+    Tls,
+    /// QUIC: one connection per peer, a stream per proxied connection.
+    Quic,
+    /// QUIC, with pooled TLS for peers UDP does not reach.
+    Auto,
+    /// TLS over TCP, one connection per peer carrying a stream per proxied connection.
+    Pooled,
 }
 
 impl MtlsMode {
@@ -233,6 +251,17 @@ fn mtls_mode(field: &str, raw: i32) -> Result<MtlsMode> {
     }
 }
 
+fn transport(field: &str, raw: i32) -> Result<Transport> {
+    use v1::dataplane_config::Transport as W;
+    match W::try_from(raw) {
+        Ok(W::Tls) => Ok(Transport::Tls),
+        Ok(W::Quic) => Ok(Transport::Quic),
+        Ok(W::Auto) => Ok(Transport::Auto),
+        Ok(W::Pooled) => Ok(Transport::Pooled),
+        Err(_) => Err(invalid(field, format!("unknown transport {raw}"))),
+    }
+}
+
 fn policy(field: &str, json: &str) -> Result<serde_json::Value> {
     serde_json::from_str(json).map_err(|e| invalid(field, format!("not JSON: {e}")))
 }
@@ -367,6 +396,7 @@ impl TryFrom<v1::DataplaneConfig> for DataplaneConfig {
             mesh: w.mesh,
             dataplane_name: w.dataplane_name,
             mtls_mode: mtls_mode("mtlsMode", w.mtls_mode)?,
+            transport: transport("transport", w.transport)?,
             trust_bundle_pem: w.trust_bundle_pem,
             signing_ca_pem: w.signing_ca_pem,
             inbounds: inbounds.into_values().collect(),
@@ -462,6 +492,10 @@ impl DataplaneConfig {
             mtls_mode: match delta.mtls_mode {
                 Some(raw) => mtls_mode("mtlsMode", raw)?,
                 None => self.mtls_mode,
+            },
+            transport: match delta.transport {
+                Some(raw) => transport("transport", raw)?,
+                None => self.transport,
             },
             trust_bundle_pem: delta
                 .trust_bundle_pem

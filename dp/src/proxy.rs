@@ -11,8 +11,10 @@
 //! - Draining: listeners stop accepting, and the caller waits (bounded) for [`Tracker`] to
 //!   reach zero active connections.
 //!
-//! The transport between dataplanes is behind [`transport::Transport`], so QUIC can replace
-//! TLS over TCP without touching listeners or balancing.
+//! The transport between dataplanes is the mesh's choice ([`transport::Dialer`]): TLS over
+//! TCP, QUIC ([`quic`]: one connection per peer, a stream per proxied connection), or `auto`.
+//! Inbounds accept QUIC on their port over UDP unless the transport is `tls`; authorization,
+//! metrics and draining are the same on both.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -30,16 +32,18 @@ use tracing::{debug, info, warn};
 use crate::dataplane::Dataplane;
 use crate::identity::manager::Credentials;
 use crate::metrics::{ListenerMetrics, ProxyMetrics};
-use crate::model::{Applied, Inbound, LoadBalancer, MtlsMode, Outbound};
+use crate::model::{Applied, Inbound, LoadBalancer, MtlsMode, Outbound, Transport};
 
 pub mod authz;
 pub mod balance;
+pub mod pool;
+pub mod quic;
 pub mod tls;
 pub mod transport;
 
 use balance::{Balancer, Slot};
 use tls::TlsState;
-use transport::{Transport, Upstream};
+use transport::{Dialer, Upstream, Via};
 
 /// Copy buffer per direction.
 const BUFFER: usize = 64 * 1024;
@@ -148,7 +152,7 @@ pub struct Proxy {
     /// Metric families.
     pub metrics: ProxyMetrics,
     /// How dataplanes reach each other.
-    pub transport: Arc<dyn Transport>,
+    pub dialer: Arc<Dialer>,
     /// Open connections.
     pub tracker: Arc<Tracker>,
 }
@@ -210,6 +214,7 @@ impl Proxy {
             let state = Arc::new(InboundState {
                 inbound: ib.clone(),
                 mode: cfg.mtls_mode,
+                transport: cfg.transport,
             });
             if let Some(r) = inbounds.get(&port) {
                 r.settings.send_if_modified(|s| {
@@ -230,6 +235,7 @@ impl Proxy {
             let (stop, stop_rx) = watch::channel(false);
             let l = InboundListener {
                 bind,
+                stop: stop_rx.clone(),
                 settings: settings_rx,
                 tls: self.tls.clone(),
                 metrics: self.metrics.listener("inbound", port, &service),
@@ -243,7 +249,12 @@ impl Proxy {
             cfg.outbounds.iter().map(|o| (o.key(), o)).collect();
         outbounds.retain(|k, _| want_out.contains_key(k));
         for (key, ob) in want_out {
-            let state = Arc::new(OutboundState::new(ob, cfg.mtls_mode, outbounds.get(&key)));
+            let state = Arc::new(OutboundState::new(
+                ob,
+                cfg.mtls_mode,
+                cfg.transport,
+                outbounds.get(&key),
+            ));
             if let Some(r) = outbounds.get(&key) {
                 r.settings.send_if_modified(|s| {
                     if s.same_as(&state) {
@@ -262,7 +273,7 @@ impl Proxy {
                 tls: self.tls.clone(),
                 metrics: self.metrics.listener("outbound", key.1, &ob.service),
                 tracker: self.tracker.clone(),
-                transport: self.transport.clone(),
+                dialer: self.dialer.clone(),
                 balancer: Arc::new(Balancer::default()),
             };
             tokio::spawn(l.run(stop_rx));
@@ -365,13 +376,15 @@ async fn connect_local(addr: SocketAddr, m: &ListenerMetrics) -> io::Result<TcpS
 
 /// An inbound's settings, as of the last config.
 #[derive(Debug, PartialEq)]
-struct InboundState {
+pub(crate) struct InboundState {
     inbound: Inbound,
     mode: MtlsMode,
+    transport: Transport,
 }
 
 struct InboundListener {
     bind: SocketAddr,
+    stop: watch::Receiver<bool>,
     settings: watch::Receiver<Arc<InboundState>>,
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     metrics: ListenerMetrics,
@@ -381,6 +394,14 @@ struct InboundListener {
 impl InboundListener {
     async fn run(self, stop: watch::Receiver<bool>) {
         let (addr, tracker, metrics) = (self.bind, self.tracker.clone(), self.metrics.clone());
+        let quic = quic::QuicInbound {
+            bind: addr,
+            settings: self.settings.clone(),
+            tls: self.tls.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+        };
+        tokio::spawn(quic.run(stop.clone()));
         let this = Arc::new(self);
         accept_loop(addr, "inbound", stop, tracker, metrics, move |tcp, peer| {
             let this = this.clone();
@@ -433,13 +454,27 @@ impl InboundListener {
                 return Ok(());
             }
         };
-        let services = stream
-            .get_ref()
-            .1
+        let conn = stream.get_ref().1;
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.metrics.tls_resumed.inc();
+        }
+        let services = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|leaf| tls::peer_services(leaf, &tls.mesh))
             .unwrap_or_default();
+        if pool::negotiated(conn) {
+            // Authorized (and counted) per stream.
+            return pool::serve(
+                stream,
+                peer,
+                Arc::new(services),
+                self.settings.clone(),
+                self.metrics.clone(),
+                self.stop.clone(),
+            )
+            .await;
+        }
         let verdict = authz::decide(&ib.rules, &services);
         if !verdict.allow {
             self.metrics.denied.inc();
@@ -463,7 +498,8 @@ impl InboundListener {
     where
         A: AsyncRead + AsyncWrite + Unpin,
     {
-        let (to, from) = splice(down, up).await?;
+        let (mut down, mut up) = (down, up);
+        let (to, from) = splice(&mut down, &mut up).await?;
         self.metrics.bytes_to_upstream.inc_by(to);
         self.metrics.bytes_from_upstream.inc_by(from);
         Ok(())
@@ -479,6 +515,7 @@ struct OutboundState {
     service: String,
     lb: LoadBalancer,
     mode: MtlsMode,
+    transport: Transport,
     endpoints: Vec<crate::model::Endpoint>,
     slots: Vec<Slot>,
 }
@@ -486,7 +523,12 @@ struct OutboundState {
 impl OutboundState {
     /// Keeps the connection counters of endpoints that stay, so least-request stays accurate
     /// across config changes.
-    fn new(ob: &Outbound, mode: MtlsMode, previous: Option<&Running<OutboundState>>) -> Self {
+    fn new(
+        ob: &Outbound,
+        mode: MtlsMode,
+        transport: Transport,
+        previous: Option<&Running<OutboundState>>,
+    ) -> Self {
         let old: BTreeMap<String, Arc<AtomicUsize>> = previous
             .map(|r| {
                 r.settings
@@ -513,6 +555,7 @@ impl OutboundState {
             service: ob.service.clone(),
             lb: ob.lb,
             mode,
+            transport,
             endpoints: ob.endpoints.clone(),
             slots,
         }
@@ -522,6 +565,7 @@ impl OutboundState {
         self.service == other.service
             && self.lb == other.lb
             && self.mode == other.mode
+            && self.transport == other.transport
             && self.endpoints == other.endpoints
     }
 }
@@ -532,7 +576,7 @@ struct OutboundListener {
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     metrics: ListenerMetrics,
     tracker: Arc<Tracker>,
-    transport: Arc<dyn Transport>,
+    dialer: Arc<Dialer>,
     balancer: Arc<Balancer>,
 }
 
@@ -554,7 +598,7 @@ impl OutboundListener {
         .await;
     }
 
-    async fn serve(&self, tcp: TcpStream) -> io::Result<()> {
+    async fn serve(&self, mut tcp: TcpStream) -> io::Result<()> {
         let _ = tcp.set_nodelay(true);
         let state = self.settings.borrow().clone();
         let tls = if state.mode == MtlsMode::Disabled {
@@ -564,10 +608,7 @@ impl OutboundListener {
                 warn!(service = %state.service, "no certificate yet; refusing the connection");
                 return Ok(());
             };
-            let config = t
-                .client_for(&state.service)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            Some(config)
+            Some(t)
         };
         let order = self.balancer.order(state.lb, &state.slots, MAX_ATTEMPTS);
         if order.is_empty() {
@@ -578,26 +619,47 @@ impl OutboundListener {
             let slot = &state.slots[idx];
             let t0 = Instant::now();
             let r = self
-                .transport
+                .dialer
                 .connect(
+                    state.transport,
                     &slot.address,
                     &state.service,
-                    tls.clone(),
+                    tls.as_ref(),
                     CONNECT_TIMEOUT,
                     HANDSHAKE_TIMEOUT,
                 )
                 .await;
             match r {
-                Ok(up) => {
+                Ok((mut up, via)) => {
                     self.metrics
                         .connect_seconds
                         .observe(t0.elapsed().as_secs_f64());
+                    match via {
+                        Via::Quic => {
+                            self.metrics.quic_streams.inc();
+                        }
+                        Via::Tls { resumed: true } => {
+                            self.metrics.tls_resumed.inc();
+                        }
+                        Via::Pooled => {
+                            self.metrics.pooled_streams.inc();
+                        }
+                        Via::Tls { resumed: false } | Via::Tcp => {}
+                    }
                     slot.active.fetch_add(1, Ordering::Relaxed);
-                    let copied = splice(tcp, up).await;
+                    let copied = splice(&mut tcp, &mut up).await;
                     slot.active.fetch_sub(1, Ordering::Relaxed);
+                    if copied.is_err() {
+                        // The far side failed or was reset: reset the client too.
+                        let _ = tcp.set_zero_linger();
+                    }
                     let (to, from) = copied?;
                     self.metrics.bytes_to_upstream.inc_by(to);
                     self.metrics.bytes_from_upstream.inc_by(from);
+                    return Ok(());
+                }
+                Err(Upstream::Refused(quic::Refusal::Denied)) => {
+                    warn!(service = %state.service, endpoint = %slot.address, "denied by the peer's traffic permissions");
                     return Ok(());
                 }
                 Err(e) => {

@@ -6,6 +6,9 @@
 //! `10.77.0.1x:10002` in front of an HTTP echo on 127.0.0.1:8080. Scenario i adds a TCP
 //! service `echo` on host 3 (inbound 10003 in front of a TCP echo on 127.0.0.1:7070) and
 //! web's outbound to it on 127.0.0.1:20003.
+//!
+//! The scenarios that depend on the transport between dataplanes run on each of them: TLS
+//! over TCP, QUIC, and `auto` (the mesh's `networking.transport`).
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,48 @@ fn backend_yaml(i: usize) -> String {
 
 const WEB_YAML: &str = "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20001\n    tags:\n      kuma.io/service: backend\n";
 
+/// The transport between dataplanes, as the mesh's `networking.transport` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum T {
+    Tls,
+    Pooled,
+    Quic,
+    Auto,
+}
+
+impl T {
+    fn word(self) -> &'static str {
+        match self {
+            T::Tls => "tls",
+            T::Pooled => "pooled",
+            T::Quic => "quic",
+            T::Auto => "auto",
+        }
+    }
+
+    /// `mesh_yaml` (a Mesh resource) with this transport.
+    fn mesh(self, mesh_yaml: &str) -> String {
+        format!("{mesh_yaml}networking:\n  transport: {}\n", self.word())
+    }
+}
+
+/// Checks that web's outbound used `t`: QUIC streams for quic and auto (UDP open), pooled
+/// streams for pooled, neither for tls.
+fn check_transport(web: &Dataplane, t: T) -> Result<()> {
+    let quic = web.metric("weft_dp_quic_streams_total", &["outbound"]);
+    let pooled = web.metric("weft_dp_pooled_streams_total", &["outbound"]);
+    let (want_quic, want_pooled) = match t {
+        T::Tls => (false, false),
+        T::Pooled => (false, true),
+        T::Quic | T::Auto => (true, false),
+    };
+    ensure!(
+        (quic > 0.0) == want_quic && (pooled > 0.0) == want_pooled,
+        "{t:?} mesh: {quic} QUIC streams, {pooled} pooled streams"
+    );
+    Ok(())
+}
+
 /// web on host 2, backends on hosts 3.., each behind its dataplane.
 struct Shop {
     mesh: MeshBed,
@@ -36,10 +81,13 @@ struct Shop {
 }
 
 impl Shop {
-    fn new(backends: usize, allow: bool, mesh_yaml: Option<&str>) -> Result<Shop> {
+    fn new(backends: usize, allow: bool, mesh_yaml: Option<&str>, t: T) -> Result<Shop> {
         let mesh = MeshBed::new(2 + backends)?;
-        if let Some(y) = mesh_yaml {
-            mesh.apply("mesh", y)?;
+        match (mesh_yaml, t) {
+            (Some(y), T::Tls) => mesh.apply("mesh", y)?,
+            (Some(y), t) => mesh.apply("mesh", &t.mesh(y))?,
+            (None, T::Tls) => {}
+            (None, t) => mesh.apply("mesh", &t.mesh(MESH_CA1))?,
         }
         if allow {
             mesh.apply("allow", ALLOW)?;
@@ -91,7 +139,7 @@ impl Shop {
 
 #[test]
 fn a_web_reaches_backend_across_hosts_over_tls_only() -> Result<()> {
-    let shop = Shop::new(1, true, None)?;
+    let shop = Shop::new(1, true, None, T::Tls)?;
     shop.wait_working(Duration::from_secs(10))?;
     let backend = &shop.backends[0].0;
 
@@ -154,7 +202,26 @@ fn a_web_reaches_backend_across_hosts_over_tls_only() -> Result<()> {
 
 #[test]
 fn b_permissions_take_effect_within_a_second() -> Result<()> {
-    let shop = Shop::new(1, false, None)?;
+    permissions_take_effect_within_a_second(T::Tls)
+}
+
+#[test]
+fn b_pooled_permissions_take_effect_within_a_second() -> Result<()> {
+    permissions_take_effect_within_a_second(T::Pooled)
+}
+
+#[test]
+fn b_quic_permissions_take_effect_within_a_second() -> Result<()> {
+    permissions_take_effect_within_a_second(T::Quic)
+}
+
+#[test]
+fn b_auto_permissions_take_effect_within_a_second() -> Result<()> {
+    permissions_take_effect_within_a_second(T::Auto)
+}
+
+fn permissions_take_effect_within_a_second(t: T) -> Result<()> {
+    let shop = Shop::new(1, false, None, t)?;
     let backend = &shop.backends[0].0;
     // No permission: the mesh is STRICT and nothing allows web, so the backend denies it.
     let (code, _) = shop.mesh.curl(2, &format!("{WEB_URL}/"));
@@ -185,12 +252,31 @@ fn b_permissions_take_effect_within_a_second() -> Result<()> {
         backend.proc.log().contains("web-to-backend"),
         "the deny names the deciding policy"
     );
-    Ok(())
+    check_transport(&shop.web, t)
 }
 
 #[test]
 fn c_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
-    let mut shop = Shop::new(2, true, None)?;
+    two_backends_share_traffic_and_survive_losing_one(T::Tls)
+}
+
+#[test]
+fn c_pooled_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
+    two_backends_share_traffic_and_survive_losing_one(T::Pooled)
+}
+
+#[test]
+fn c_quic_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
+    two_backends_share_traffic_and_survive_losing_one(T::Quic)
+}
+
+#[test]
+fn c_auto_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
+    two_backends_share_traffic_and_survive_losing_one(T::Auto)
+}
+
+fn two_backends_share_traffic_and_survive_losing_one(t: T) -> Result<()> {
+    let mut shop = Shop::new(2, true, None, t)?;
     let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "3s", "20ms")?;
     assert_eq!(v["failed"], 0, "{v}");
     let served = &v["served_by"];
@@ -207,12 +293,26 @@ fn c_two_backends_share_traffic_and_survive_losing_one() -> Result<()> {
     assert_eq!(v["failed"], 0, "{v}");
     assert!(v["served_by"]["backend-4"].is_null(), "{v}");
     ensure!(v["ok"].as_u64().unwrap_or(0) > 100, "{v}");
-    Ok(())
+    check_transport(&shop.web, t)
 }
 
 #[test]
 fn d_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
-    let mut shop = Shop::new(1, true, None)?;
+    cp_killed_under_steady_traffic_fails_no_request(T::Tls)
+}
+
+#[test]
+fn d_quic_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
+    cp_killed_under_steady_traffic_fails_no_request(T::Quic)
+}
+
+#[test]
+fn d_auto_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
+    cp_killed_under_steady_traffic_fails_no_request(T::Auto)
+}
+
+fn cp_killed_under_steady_traffic_fails_no_request(t: T) -> Result<()> {
+    let mut shop = Shop::new(1, true, None, t)?;
     shop.wait_working(Duration::from_secs(10))?;
     let host2 = shop.mesh.host(2).clone();
     let mut cmd = host2.command(weft_e2e::bin("weft-testapp"));
@@ -240,14 +340,33 @@ fn d_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
     wait_for("web Online again", Duration::from_secs(10), || {
         (shop.mesh.insight("default", "web").ok()?["status"] == "Online").then_some(())
     })?;
-    Ok(())
+    check_transport(&shop.web, t)
 }
 
 #[test]
 fn e_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> {
+    certificate_rotation_under_steady_traffic_fails_no_request(T::Tls)
+}
+
+#[test]
+fn e_pooled_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> {
+    certificate_rotation_under_steady_traffic_fails_no_request(T::Pooled)
+}
+
+#[test]
+fn e_quic_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> {
+    certificate_rotation_under_steady_traffic_fails_no_request(T::Quic)
+}
+
+#[test]
+fn e_auto_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> {
+    certificate_rotation_under_steady_traffic_fails_no_request(T::Auto)
+}
+
+fn certificate_rotation_under_steady_traffic_fails_no_request(t: T) -> Result<()> {
     // Leaves live 20 s: each dataplane renews about every 14 s.
     let mesh = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    dpCert:\n      rotation:\n        expiration: 20s\n";
-    let shop = Shop::new(1, true, Some(mesh))?;
+    let shop = Shop::new(1, true, Some(mesh), t)?;
     shop.wait_working(Duration::from_secs(10))?;
     let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "25s", "20ms")?;
     assert_eq!(v["failed"], 0, "{v}");
@@ -259,7 +378,7 @@ fn e_certificate_rotation_under_steady_traffic_fails_no_request() -> Result<()> 
         renewals(&shop.web),
         renewals(&shop.backends[0].0)
     );
-    Ok(())
+    check_transport(&shop.web, t)
 }
 
 /// `openssl s_client` from host 1 at backend's inbound with the given client certificate;
@@ -292,8 +411,54 @@ fn s_client(mesh: &MeshBed, cert_key: Option<(&std::path::Path, &std::path::Path
     String::from_utf8_lossy(&out.stdout).contains("backend-3 GET /probe")
 }
 
+/// `weft-testapp quic-get` (weft-dp's QUIC client) from host 1 at backend's inbound with the
+/// given client certificate, verifying the server against `ca`; returns whether an HTTP
+/// request got an answer from the backend app.
+fn quic_get(
+    mesh: &MeshBed,
+    cert_key: (&std::path::Path, &std::path::Path),
+    ca: &std::path::Path,
+) -> bool {
+    let out = mesh.host(1).run_timeout(
+        [
+            weft_e2e::bin("weft-testapp").display().to_string(),
+            "quic-get".into(),
+            "--to".into(),
+            "10.77.0.13:10002".into(),
+            "--service".into(),
+            "backend".into(),
+            "--mesh".into(),
+            "default".into(),
+            "--cert".into(),
+            cert_key.0.display().to_string(),
+            "--key".into(),
+            cert_key.1.display().to_string(),
+            "--ca".into(),
+            ca.display().to_string(),
+            "--path".into(),
+            "/probe".into(),
+        ],
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "quic-get: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).contains("backend-3 GET /probe")
+}
+
 #[test]
 fn f_foreign_expired_or_missing_client_certificates_are_refused() -> Result<()> {
+    foreign_expired_or_missing_client_certificates_are_refused(T::Tls)
+}
+
+#[test]
+fn f_quic_foreign_expired_or_other_mesh_client_certificates_are_refused() -> Result<()> {
+    foreign_expired_or_missing_client_certificates_are_refused(T::Quic)
+}
+
+fn foreign_expired_or_missing_client_certificates_are_refused(t: T) -> Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
     // A provided CA the test holds, so it can mint good, expired and foreign leaves.
     let ca_key = KeyPair::generate()?;
@@ -316,7 +481,7 @@ fn f_foreign_expired_or_missing_client_certificates_are_refused() -> Result<()> 
         indent(&ca_key.serialize_pem())
     );
     let allow_all = ALLOW.replace("kind: MeshService\n      name: web", "kind: Mesh");
-    let shop = Shop::new(1, false, Some(&mesh_yaml))?;
+    let shop = Shop::new(1, false, Some(&mesh_yaml), t)?;
     shop.mesh.apply("allow-all", &allow_all)?;
     shop.wait_working(Duration::from_secs(10))?;
 
@@ -353,36 +518,47 @@ fn f_foreign_expired_or_missing_client_certificates_are_refused() -> Result<()> 
     let foreign = leaf("foreign", &foreign_issuer, "default", false)?;
     let other_mesh = leaf("other-mesh", &mesh_issuer, "other", false)?;
 
+    let ca_file = dir.join("mesh-ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    let probe = |cert_key: Option<(&std::path::PathBuf, &std::path::PathBuf)>| match (t, cert_key) {
+        (T::Tls, c) => s_client(&shop.mesh, c.map(|(c, k)| (c.as_path(), k.as_path()))),
+        (_, Some((c, k))) => quic_get(&shop.mesh, (c, k), &ca_file),
+        // weft's QUIC client always presents a certificate.
+        (_, None) => false,
+    };
+
     // The control: a valid mesh certificate gets through, so the refusals below are real.
     ensure!(
-        s_client(&shop.mesh, Some((&good.0, &good.1))),
+        probe(Some((&good.0, &good.1))),
         "a valid certificate must pass"
     );
     let backend = &shop.backends[0].0;
     let failures = || backend.metric("weft_dp_tls_handshake_failures_total", &["inbound"]);
     let denied = || backend.metric("weft_dp_connections_denied_total", &["inbound"]);
     let before = failures();
+    let mut refused = 0.0;
+    if t == T::Tls {
+        ensure!(!probe(None), "no client certificate must be refused");
+        refused += 1.0;
+    }
     ensure!(
-        !s_client(&shop.mesh, None),
-        "no client certificate must be refused"
-    );
-    ensure!(
-        !s_client(&shop.mesh, Some((&expired.0, &expired.1))),
+        !probe(Some((&expired.0, &expired.1))),
         "an expired certificate must be refused"
     );
     ensure!(
-        !s_client(&shop.mesh, Some((&foreign.0, &foreign.1))),
+        !probe(Some((&foreign.0, &foreign.1))),
         "a certificate of another CA must be refused"
     );
+    refused += 2.0;
     wait_for(
-        "three handshake failures counted",
+        "the handshake failures counted",
         Duration::from_secs(5),
-        || (failures() >= before + 3.0).then_some(()),
+        || (failures() >= before + refused).then_some(()),
     )?;
     // Signed by this mesh's CA but naming another trust domain: no identity here, denied.
     let denied_before = denied();
     ensure!(
-        !s_client(&shop.mesh, Some((&other_mesh.0, &other_mesh.1))),
+        !probe(Some((&other_mesh.0, &other_mesh.1))),
         "another mesh's identity must be refused"
     );
     wait_for(
@@ -410,7 +586,7 @@ fn summary(p: &Proc, within: Duration) -> Result<serde_json::Value> {
 #[test]
 fn g_permissive_accepts_plaintext_and_mtls() -> Result<()> {
     let mesh = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    mode: PERMISSIVE\n";
-    let shop = Shop::new(1, true, Some(mesh))?;
+    let shop = Shop::new(1, true, Some(mesh), T::Tls)?;
     let backend = &shop.backends[0].0;
     // Through the mesh: web's dataplane still originates mTLS.
     shop.wait_working(Duration::from_secs(10))?;
@@ -445,7 +621,21 @@ fn g_permissive_accepts_plaintext_and_mtls() -> Result<()> {
 
 #[test]
 fn h_sigterm_drains_without_failed_requests() -> Result<()> {
-    let shop = Shop::new(2, true, None)?;
+    sigterm_drains_without_failed_requests(T::Tls)
+}
+
+#[test]
+fn h_pooled_sigterm_drains_without_failed_requests() -> Result<()> {
+    sigterm_drains_without_failed_requests(T::Pooled)
+}
+
+#[test]
+fn h_quic_sigterm_drains_without_failed_requests() -> Result<()> {
+    sigterm_drains_without_failed_requests(T::Quic)
+}
+
+fn sigterm_drains_without_failed_requests(t: T) -> Result<()> {
+    let shop = Shop::new(2, true, None, t)?;
     shop.wait_working(Duration::from_secs(10))?;
     // Requests that take 200 ms each: about ten are in flight at any time, some on backend-4
     // when it is told to stop.
@@ -535,7 +725,7 @@ fn h_sigterm_drains_without_failed_requests() -> Result<()> {
         },
     )?;
     eprintln!("backend-4's insight: {insight}");
-    Ok(())
+    check_transport(&shop.web, t)
 }
 
 /// The default mesh, builtin `ca-1`.
@@ -555,8 +745,25 @@ fn permission(name: &str, from: &str, to: &str) -> String {
 
 #[test]
 fn i_established_connections_survive_config_and_certificate_changes() -> Result<()> {
+    established_connections_survive_config_and_certificate_changes(T::Tls)
+}
+
+/// The QUIC connection between web and echo is replaced after the rotation; the stream on the
+/// old one carries on.
+#[test]
+fn i_pooled_established_streams_survive_config_and_certificate_changes() -> Result<()> {
+    established_connections_survive_config_and_certificate_changes(T::Pooled)
+}
+
+#[test]
+fn i_quic_established_streams_survive_config_and_certificate_changes() -> Result<()> {
+    established_connections_survive_config_and_certificate_changes(T::Quic)
+}
+
+fn established_connections_survive_config_and_certificate_changes(t: T) -> Result<()> {
+    let mesh_yaml = |y: &str| if t == T::Tls { y.to_owned() } else { t.mesh(y) };
     let mesh = MeshBed::new(3)?;
-    mesh.apply("mesh", MESH_CA1)?;
+    mesh.apply("mesh", &mesh_yaml(MESH_CA1))?;
     mesh.apply("allow-all", ALLOW_ALL)?;
     // A TCP service `echo` on host 3, and web on host 2 with an outbound to it.
     let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
@@ -631,7 +838,7 @@ fn i_established_connections_survive_config_and_certificate_changes() -> Result<
     let renewals = |dp: &Dataplane| dp.metric("weft_dp_cert_renewals_total", &[]);
     let (web_r0, echo_r0) = (renewals(&web), renewals(&echo));
     let web_cert0 = std::fs::read_to_string(web.state_dir.join("cert.pem"))?;
-    mesh.apply("mesh", MESH_CA2)?;
+    mesh.apply("mesh", &mesh_yaml(MESH_CA2))?;
     wait_for(
         "web and echo renewed their certificates",
         Duration::from_secs(5),
@@ -664,5 +871,127 @@ fn i_established_connections_survive_config_and_certificate_changes() -> Result<
         Duration::from_secs(10),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after");
+    check_transport(&web, t)
+}
+
+#[test]
+fn a_quic_carries_web_to_backend_over_udp_only() -> Result<()> {
+    let shop = Shop::new(1, true, None, T::Quic)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let backend = &shop.backends[0].0;
+    // Capture port 10002 on the backend host, TCP and UDP apart.
+    let h3 = shop.mesh.host(3).clone();
+    let dir = shop.mesh.bed.dir().to_owned();
+    let capture = |proto: &str| -> Result<(Proc, std::path::PathBuf)> {
+        let pcap = dir.join(format!("{proto}.pcap"));
+        let mut cmd = h3.command("tcpdump");
+        cmd.args(["-i", "eth0", "-U", "-n", "-w"])
+            .arg(&pcap)
+            .args([proto, "port", "10002"]);
+        let dump = h3.spawn(&format!("tcpdump-{proto}"), cmd)?;
+        wait_for("tcpdump to listen", Duration::from_secs(10), || {
+            dump.log().contains("listening on").then_some(())
+        })?;
+        Ok((dump, pcap))
+    };
+    let (udp, udp_pcap) = capture("udp")?;
+    let (tcp, tcp_pcap) = capture("tcp")?;
+    for i in 0..5 {
+        let (code, body) = shop
+            .mesh
+            .curl(2, &format!("{WEB_URL}/very-secret-path-{i}"));
+        ensure!(code == 0, "request through the mesh failed: {code}");
+        assert_eq!(body, format!("backend-3 GET /very-secret-path-{i}\n"));
+    }
+    wait_for("packets in the UDP capture", Duration::from_secs(5), || {
+        (std::fs::metadata(&udp_pcap).ok()?.len() > 2000).then_some(())
+    })?;
+    udp.term(Duration::from_secs(5))?;
+    tcp.term(Duration::from_secs(5))?;
+    let wire = std::fs::read(&udp_pcap)?;
+    let find = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !find(b"very-secret-path") && !find(b"backend-3 GET"),
+        "plaintext HTTP crossed the wire between the hosts"
+    );
+    // A pcap file with no packet is its 24-byte header.
+    let tcp_len = std::fs::metadata(&tcp_pcap)?.len();
+    ensure!(
+        tcp_len <= 24,
+        "TCP packets on port 10002 ({tcp_len} bytes of capture)"
+    );
+    // Five requests, five streams, one connection: nothing was refused or retried.
+    assert_eq!(
+        shop.web.metric("weft_dp_quic_streams_total", &["outbound"]),
+        shop.web
+            .metric("weft_dp_connections_opened_total", &["outbound"])
+    );
+    ensure!(backend.metric("weft_dp_quic_streams_total", &["inbound"]) >= 5.0);
+    assert_eq!(
+        shop.web
+            .metric("weft_dp_upstream_connect_failures_total", &["outbound"]),
+        0.0
+    );
+    ensure!(backend.metric("weft_dp_bytes_from_upstream_total", &["inbound"]) > 0.0);
+    Ok(())
+}
+
+#[test]
+fn j_auto_falls_back_to_pooled_tls_when_udp_is_blocked_and_returns_to_quic() -> Result<()> {
+    let shop = Shop::new(1, true, None, T::Auto)?;
+    // UDP to backend's host dropped by its own firewall, before any traffic.
+    let h3 = shop.mesh.host(3).clone();
+    let nft = |script: &str| -> Result<()> {
+        let out = h3.run(["nft", script]);
+        ensure!(
+            out.status.success(),
+            "nft {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    nft("add table inet weft_test")?;
+    nft("add chain inet weft_test input { type filter hook input priority 0; policy accept; }")?;
+    nft("add rule inet weft_test input udp dport 10002 counter drop")?;
+    let t0 = Instant::now();
+    let (code, body) = shop.mesh.curl(2, &format!("{WEB_URL}/first"));
+    let first = t0.elapsed();
+    ensure!(code == 0, "the first request must not fail: {code}");
+    assert_eq!(body, "backend-3 GET /first\n");
+    ensure!(first < Duration::from_secs(1), "fallback took {first:?}");
+    eprintln!("first request, falling back to TLS: {first:?}");
+    // Steady traffic: no failure, all over pooled TLS, one warning.
+    let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "3s", "20ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    check_transport(&shop.web, T::Pooled)?;
+    let warnings = shop.web.proc.log().matches("UDP blocked?").count();
+    assert_eq!(warnings, 1, "{}", shop.web.proc.log());
+    let dropped = h3.run(["nft", "list", "chain", "inet", "weft_test", "input"]);
+    ensure!(
+        !String::from_utf8_lossy(&dropped.stdout).contains("packets 0 "),
+        "the drop rule saw no packet: {}",
+        String::from_utf8_lossy(&dropped.stdout)
+    );
+    // UDP open again: within the retry period QUIC is probed and used again, still nothing fails.
+    nft("delete table inet weft_test")?;
+    let load = shop.mesh.testapp(
+        2,
+        "load",
+        &[
+            "load",
+            "--url",
+            &format!("{WEB_URL}/"),
+            "--duration",
+            "40s",
+            "--interval",
+            "50ms",
+        ],
+    )?;
+    wait_for("streams over QUIC again", Duration::from_secs(40), || {
+        (shop.web.metric("weft_dp_quic_streams_total", &["outbound"]) > 0.0).then_some(())
+    })?;
+    ensure!(shop.web.proc.log().contains("QUIC answers again"));
+    let v = summary(&load, Duration::from_secs(60))?;
+    assert_eq!(v["failed"], 0, "{v}");
     Ok(())
 }

@@ -266,6 +266,9 @@ pub struct ConfigDelta {
     /// Names of policies removed.
     #[prost(string, repeated, tag = "10")]
     pub remove_policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The new transport between dataplanes, when it changed.
+    #[prost(enumeration = "dataplane_config::Transport", optional, tag = "11")]
+    pub transport: ::core::option::Option<i32>,
 }
 /// Everything a dataplane needs to serve its inbounds and outbounds.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -298,6 +301,10 @@ pub struct DataplaneConfig {
     /// A dataplane whose leaf was signed by another root (after a CA rotation) renews at once.
     #[prost(string, tag = "8")]
     pub signing_ca_pem: ::prost::alloc::string::String,
+    /// How this dataplane's outbounds reach other dataplanes (with mTLS on); inbounds accept
+    /// QUIC beside TLS unless it is TRANSPORT_TLS.
+    #[prost(enumeration = "dataplane_config::Transport", tag = "9")]
+    pub transport: i32,
 }
 /// Nested message and enum types in `DataplaneConfig`.
 pub mod dataplane_config {
@@ -340,6 +347,53 @@ pub mod dataplane_config {
                 "MTLS_MODE_DISABLED" => Some(Self::Disabled),
                 "MTLS_MODE_PERMISSIVE" => Some(Self::Permissive),
                 "MTLS_MODE_STRICT" => Some(Self::Strict),
+                _ => None,
+            }
+        }
+    }
+    /// The transport between dataplanes (the Mesh's `networking.transport`).
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Transport {
+        /// TLS over TCP, one connection per proxied connection (TLS 1.3 session resumption).
+        Tls = 0,
+        /// QUIC: one connection per peer dataplane, one stream per proxied connection.
+        Quic = 1,
+        /// QUIC, falling back to pooled TLS for peers that UDP does not reach.
+        Auto = 2,
+        /// TLS over TCP, one connection per peer carrying HTTP/2 CONNECT streams.
+        Pooled = 3,
+    }
+    impl Transport {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Tls => "TRANSPORT_TLS",
+                Self::Quic => "TRANSPORT_QUIC",
+                Self::Auto => "TRANSPORT_AUTO",
+                Self::Pooled => "TRANSPORT_POOLED",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "TRANSPORT_TLS" => Some(Self::Tls),
+                "TRANSPORT_QUIC" => Some(Self::Quic),
+                "TRANSPORT_AUTO" => Some(Self::Auto),
+                "TRANSPORT_POOLED" => Some(Self::Pooled),
                 _ => None,
             }
         }

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use prost::Message as _;
 use weft_api::v1::{
-    self as pb, ConfigDelta, DataplaneConfig, dataplane_config::MtlsMode, outbound::LoadBalancer,
-    permission_rule::Action as PbAction,
+    self as pb, ConfigDelta, DataplaneConfig, dataplane_config::MtlsMode,
+    dataplane_config::Transport, outbound::LoadBalancer, permission_rule::Action as PbAction,
 };
 
 use crate::index::{EndpointInfo, MeshView};
 use crate::model::Resource;
-use crate::model::mesh::MtlsMode as MeshMode;
+use crate::model::mesh::{MtlsMode as MeshMode, Transport as MeshTransport};
 use crate::model::policy::{Action, LbType, TargetRef, lb_for_outbound, mtp_rules_for_inbound};
 
 #[cfg(test)]
@@ -26,6 +26,17 @@ pub fn compile(view: &MeshView, dp: &Resource) -> DataplaneConfig {
         None => MtlsMode::Disabled,
         Some(MeshMode::Strict) => MtlsMode::Strict,
         Some(MeshMode::Permissive) => MtlsMode::Permissive,
+    };
+    let transport = match view
+        .mesh
+        .mesh_spec()
+        .map(|m| m.transport())
+        .unwrap_or_default()
+    {
+        MeshTransport::Tls => Transport::Tls,
+        MeshTransport::Quic => Transport::Quic,
+        MeshTransport::Auto => Transport::Auto,
+        MeshTransport::Pooled => Transport::Pooled,
     };
     let mtps: Vec<&Resource> = view.mtps.iter().map(AsRef::as_ref).collect();
     let mlbs: Vec<&Resource> = view.mlbs.iter().map(AsRef::as_ref).collect();
@@ -111,6 +122,7 @@ pub fn compile(view: &MeshView, dp: &Resource) -> DataplaneConfig {
         mesh: dp.mesh.clone().unwrap_or_default(),
         dataplane_name: dp.name.clone(),
         mtls_mode: mtls_mode.into(),
+        transport: transport.into(),
         trust_bundle_pem: view
             .cas
             .as_ref()
@@ -180,6 +192,7 @@ pub fn delta(base_version: &str, base: &DataplaneConfig, next: &DataplaneConfig)
     ConfigDelta {
         base_version: base_version.to_owned(),
         mtls_mode: (base.mtls_mode != next.mtls_mode).then_some(next.mtls_mode),
+        transport: (base.transport != next.transport).then_some(next.transport),
         trust_bundle_pem: changed(&base.trust_bundle_pem, &next.trust_bundle_pem),
         signing_ca_pem: changed(&base.signing_ca_pem, &next.signing_ca_pem),
         upsert_inbounds: next_in
@@ -223,6 +236,9 @@ pub(crate) fn apply_delta(base: &DataplaneConfig, d: &ConfigDelta) -> DataplaneC
     let mut out = base.clone();
     if let Some(m) = d.mtls_mode {
         out.mtls_mode = m;
+    }
+    if let Some(t) = d.transport {
+        out.transport = t;
     }
     if let Some(b) = &d.trust_bundle_pem {
         out.trust_bundle_pem = b.clone();

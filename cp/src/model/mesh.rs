@@ -28,7 +28,8 @@ pub struct MeshSpec {
     /// Kuma's tracing backends (kept opaque).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<serde_json::Value>,
-    /// Kuma's mesh networking settings (kept opaque).
+    /// Kuma's mesh networking settings (kept as written), plus weft's `transport`
+    /// (`tls`, `pooled`, `quic` or `auto`; see [`MeshSpec::transport`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networking: Option<serde_json::Value>,
     /// Kuma's routing settings (kept opaque).
@@ -96,6 +97,21 @@ pub enum MtlsMode {
     Strict,
     /// Plaintext is accepted too (migration).
     Permissive,
+}
+
+/// How dataplanes of the mesh reach each other (`networking.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS over TCP, one connection per proxied connection.
+    #[default]
+    Tls,
+    /// QUIC: one connection per peer dataplane, a stream per proxied connection.
+    Quic,
+    /// QUIC, with pooled TLS for peers UDP does not reach.
+    Auto,
+    /// TLS over TCP, one connection per peer carrying a stream per proxied connection.
+    Pooled,
 }
 
 /// `dpCert`: dataplane certificate settings.
@@ -232,7 +248,24 @@ impl MeshSpec {
         mtls.backends.as_ref()?.iter().find(|b| b.name == name)
     }
 
+    /// `networking.transport` (TLS when unset; a wrong value was refused on apply).
+    pub fn transport(&self) -> Transport {
+        self.networking
+            .as_ref()
+            .and_then(|n| n.get("transport"))
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn validate(&self, errs: &mut Errors) {
+        if let Some(t) = self.networking.as_ref().and_then(|n| n.get("transport")) {
+            if serde_json::from_value::<Transport>(t.clone()).is_err() {
+                errs.add(
+                    "networking.transport",
+                    format!("must be one of tls, pooled, quic, auto (got {t})"),
+                );
+            }
+        }
         if let Some(mtls) = &self.mtls {
             validate_mtls(mtls, errs);
         }

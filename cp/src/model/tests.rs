@@ -222,6 +222,28 @@ fn mesh_without_mtls_warns() {
 }
 
 #[test]
+fn mesh_transport_is_read_and_checked() {
+    let tls = parse("type: Mesh\nname: m\n");
+    assert_eq!(tls.mesh_spec().unwrap().transport(), mesh::Transport::Tls);
+    for (word, want) in [
+        ("quic", mesh::Transport::Quic),
+        ("auto", mesh::Transport::Auto),
+        ("pooled", mesh::Transport::Pooled),
+    ] {
+        let s = format!(
+            "type: Mesh\nname: m\nnetworking:\n  transport: {word}\n  outbound:\n    passthrough: false\n"
+        );
+        assert_eq!(parse(&s).mesh_spec().unwrap().transport(), want);
+        round_trip(&s);
+    }
+    refused(
+        "type: Mesh\nname: m\nnetworking:\n  transport: udp\n",
+        "networking.transport",
+        "one of tls, pooled, quic, auto",
+    );
+}
+
+#[test]
 fn default_mesh_is_valid_strict_builtin() {
     let r = Resource::default_mesh();
     assert_eq!(r.name, "default");

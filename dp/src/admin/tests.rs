@@ -22,6 +22,7 @@ fn applied(mode: MtlsMode) -> Arc<Applied> {
             mesh: "default".into(),
             dataplane_name: "web-1".into(),
             mtls_mode: mode,
+            transport: Default::default(),
             trust_bundle_pem: String::new(),
             signing_ca_pem: String::new(),
             inbounds: vec![],

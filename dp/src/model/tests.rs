@@ -41,6 +41,7 @@ fn wire(bundle: &str) -> v1::DataplaneConfig {
         mesh: "default".into(),
         dataplane_name: "web-1".into(),
         mtls_mode: v1::dataplane_config::MtlsMode::Strict as i32,
+        transport: v1::dataplane_config::Transport::Quic as i32,
         trust_bundle_pem: bundle.into(),
         inbounds: vec![ib(15001, "web-admin"), ib(15000, "web")],
         outbounds: vec![ob("127.0.0.1", 10001, "api")],
@@ -131,6 +132,7 @@ fn bad_configs_name_the_field() {
             Box::new(|c| c.signing_ca_pem = "nope".into()),
         ),
         ("mtlsMode", Box::new(|c| c.mtls_mode = 7)),
+        ("transport", Box::new(|c| c.transport = 9)),
         (
             "policies.p",
             Box::new(|c| {
@@ -166,6 +168,7 @@ fn delta_upserts_removes_and_replaces_optional_fields() {
             mtls_mode: Some(v1::dataplane_config::MtlsMode::Permissive as i32),
             trust_bundle_pem: Some(bundle.clone()),
             signing_ca_pem: None,
+            transport: Some(v1::dataplane_config::Transport::Auto as i32),
             upsert_inbounds: vec![changed, ib(15002, "web-metrics")],
             remove_inbounds: vec![15001],
             upsert_outbounds: vec![ob("127.0.0.1", 10002, "db")],
@@ -175,6 +178,7 @@ fn delta_upserts_removes_and_replaces_optional_fields() {
         })
         .unwrap();
     assert_eq!(next.mtls_mode, MtlsMode::Permissive);
+    assert_eq!(next.transport, Transport::Auto);
     assert_eq!(next.trust_bundle_pem, bundle);
     assert_eq!(next.signing_ca_pem, ca.cert_pem, "absent optional keeps");
     assert_eq!(

@@ -9,6 +9,8 @@
 //!   verified against the trust bundle and its URI SANs must hold the SPIFFE id of the
 //!   service the outbound targets. Mesh certificates carry no DNS names, so the usual host
 //!   name check is replaced by that SPIFFE check (`SpiffeServerVerifier`).
+//! - QUIC (`super::quic`): the same certificate, verifiers and SPIFFE checks, TLS 1.3 only
+//!   (QUIC has no other), with the ALPN `weft-tunnel/1`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// QUIC cannot use the configuration.
+    #[error("QUIC: {0}")]
+    Quic(String),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -55,11 +60,15 @@ pub struct TlsState {
     pub mesh: String,
     /// For inbound listeners.
     pub server: Arc<ServerConfig>,
+    /// For inbound QUIC endpoints.
+    pub quic_server: quinn::ServerConfig,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    pooled_clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    quic_clients: Mutex<HashMap<String, quinn::ClientConfig>>,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -114,20 +123,87 @@ impl TlsState {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| Error::Verifier(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        // Clients that offer no ALPN get a plain tunnel; `weft-pool/1` gets HTTP/2.
+        server.alpn_protocols = vec![super::pool::ALPN.to_vec()];
+        let mut quic = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
+        quic.alpn_protocols = vec![super::quic::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(quic))
+            .map_err(|e| Error::Quic(e.to_string()))?;
+        let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        quic_server.transport_config(super::quic::transport_config());
         Ok(TlsState {
             generation,
             mesh: mesh.to_owned(),
             server: Arc::new(server),
+            quic_server,
             provider,
             roots,
             chain,
             key,
             clients: Mutex::new(HashMap::new()),
+            pooled_clients: Mutex::new(HashMap::new()),
+            quic_clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The rustls client configuration for `service`'s SPIFFE id, TLS 1.3 only or not.
+    fn client_config(&self, service: &str, tls13_only: bool) -> Result<ClientConfig> {
+        let verifier = Arc::new(SpiffeServerVerifier {
+            provider: self.provider.clone(),
+            roots: self.roots.clone(),
+            expected: format!("spiffe://{}/{service}", self.mesh),
+        });
+        let builder = ClientConfig::builder_with_provider(self.provider.clone());
+        let builder = if tls13_only {
+            builder.with_protocol_versions(&[&rustls::version::TLS13])?
+        } else {
+            builder.with_safe_default_protocol_versions()?
+        };
+        Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// The client configuration for pooled connections to `service` (ALPN `weft-pool/1`).
+    pub fn pooled_client_for(&self, service: &str) -> Result<Arc<ClientConfig>> {
+        // The lock guards a map lookup or insert only.
+        let mut map = self
+            .pooled_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(service) {
+            return Ok(c.clone());
+        }
+        let mut config = self.client_config(service, false)?;
+        config.alpn_protocols = vec![super::pool::ALPN.to_vec()];
+        let config = Arc::new(config);
+        map.insert(service.to_owned(), config.clone());
+        Ok(config)
+    }
+
+    /// The QUIC client configuration for connections to `service` (cached per service).
+    pub fn quic_client_for(&self, service: &str) -> Result<quinn::ClientConfig> {
+        // The lock guards a map lookup or insert only.
+        let mut map = self.quic_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(service) {
+            return Ok(c.clone());
+        }
+        let mut tls = self.client_config(service, true)?;
+        tls.alpn_protocols = vec![super::quic::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| Error::Quic(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(super::quic::transport_config());
+        map.insert(service.to_owned(), config.clone());
+        Ok(config)
     }
 
     /// The client configuration for connections to `service` (cached per service, so TLS
@@ -138,17 +214,7 @@ impl TlsState {
         if let Some(c) = map.get(service) {
             return Ok(c.clone());
         }
-        let verifier = Arc::new(SpiffeServerVerifier {
-            provider: self.provider.clone(),
-            roots: self.roots.clone(),
-            expected: format!("spiffe://{}/{service}", self.mesh),
-        });
-        let config = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        let config = Arc::new(config);
+        let config = Arc::new(self.client_config(service, false)?);
         map.insert(service.to_owned(), config.clone());
         Ok(config)
     }

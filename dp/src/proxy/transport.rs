@@ -1,15 +1,38 @@
-//! How one dataplane reaches another: the seam where QUIC slots in beside TLS over TCP.
+//! How one dataplane reaches another, as the mesh's `networking.transport` says:
+//!
+//! - `tls`: TLS over TCP, one connection (and handshake, resumed when possible) per proxied
+//!   connection;
+//! - `pooled`: one TLS connection per peer carrying an HTTP/2 stream per proxied connection
+//!   ([`super::pool`]);
+//! - `quic`: one QUIC connection per peer, a stream per proxied connection ([`super::quic`]);
+//! - `auto`: QUIC; a peer whose QUIC handshake gets no answer within [`AUTO_QUIC_TIMEOUT`]
+//!   (UDP blocked on the way, or a peer without QUIC) is reached over pooled TLS at once —
+//!   the connection that noticed is not failed — and logged once. QUIC is tried again in the
+//!   background every [`RETRY_QUIC_AFTER`]; the peer goes back to QUIC when a probe succeeds.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::pool::PoolClient;
+use super::quic::{QuicClient, QuicError, Refusal};
+use super::tls::TlsState;
+use crate::model::Transport;
+
+/// How long `auto` waits for a QUIC handshake before using TLS over TCP.
+pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long `auto` uses TLS for a peer that did not answer QUIC, before probing again.
+pub const RETRY_QUIC_AFTER: Duration = Duration::from_secs(30);
+/// How long `quic` leaves a peer alone that did not answer (other endpoints are tried).
+const QUIC_PEER_DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// A connected byte stream to another dataplane.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -18,71 +41,230 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// A boxed [`Stream`].
 pub type BoxStream = Pin<Box<dyn Stream>>;
 
+/// How a connection to another dataplane was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Plain TCP (mTLS off).
+    Tcp,
+    /// TLS over TCP; whether the handshake resumed a session.
+    Tls {
+        /// The handshake resumed an earlier session.
+        resumed: bool,
+    },
+    /// A QUIC stream.
+    Quic,
+    /// A stream of a pooled TLS connection.
+    Pooled,
+}
+
 /// Why an upstream connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Upstream {
-    /// TCP connect failed or timed out.
+    /// TCP connect failed or timed out, or the QUIC peer did not answer.
     #[error("connect: {0}")]
     Connect(io::Error),
     /// The TLS handshake failed (the server's identity, chain or validity) or timed out.
     #[error("TLS: {0}")]
     Tls(io::Error),
+    /// The peer refused the stream (QUIC).
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
-/// Opens streams to other dataplanes.
-pub trait Transport: Send + Sync + 'static {
-    /// Connects to `address` (`host:port`) serving `service`; with `tls`, over mutual TLS
-    /// that verifies the server holds `service`'s SPIFFE id.
-    fn connect<'a>(
-        &'a self,
-        address: &'a str,
-        service: &'a str,
-        tls: Option<Arc<ClientConfig>>,
+/// Opens connections to other dataplanes over the mesh's transport.
+#[derive(Default)]
+pub struct Dialer {
+    quic: QuicClient,
+    pool: PoolClient,
+    /// `auto`: peers reached over TLS because QUIC did not answer, and whether a background
+    /// probe is running.
+    fallback: Mutex<HashMap<SocketAddr, Fallback>>,
+}
+
+struct Fallback {
+    until: Instant,
+    probing: bool,
+}
+
+/// What `auto` does for a peer now.
+enum AutoRoute {
+    Quic,
+    Tls,
+    TlsAndProbe,
+}
+
+impl Dialer {
+    /// Connects to `address` (`ip:port`) serving `service`. With `tls` (mTLS on), over
+    /// `transport`, verifying the peer holds `service`'s SPIFFE id; without, plain TCP.
+    pub async fn connect(
+        self: &Arc<Self>,
+        transport: Transport,
+        address: &str,
+        service: &str,
+        tls: Option<&Arc<TlsState>>,
         connect_timeout: Duration,
         handshake_timeout: Duration,
-    ) -> BoxFuture<'a, Result<BoxStream, Upstream>>;
+    ) -> Result<(BoxStream, Via), Upstream> {
+        let Some(tls) = tls else {
+            return tcp_tls(address, service, None, connect_timeout, handshake_timeout).await;
+        };
+        let tls_now = || async {
+            let config = tls
+                .client_for(service)
+                .map_err(|e| Upstream::Tls(io::Error::other(e.to_string())))?;
+            tcp_tls(
+                address,
+                service,
+                Some(config),
+                connect_timeout,
+                handshake_timeout,
+            )
+            .await
+        };
+        let pooled = || async {
+            self.pool
+                .open(address, service, tls, connect_timeout, handshake_timeout)
+                .await
+                .map(|s| (s, Via::Pooled))
+        };
+        match transport {
+            Transport::Tls => return tls_now().await,
+            Transport::Pooled => return pooled().await,
+            Transport::Quic | Transport::Auto => {}
+        }
+        let peer: SocketAddr = address.parse().map_err(|_| {
+            Upstream::Connect(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("QUIC needs an IP address and port, not {address:?}"),
+            ))
+        })?;
+        if transport == Transport::Quic {
+            if self.quic.unreachable(&peer) {
+                return Err(Upstream::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not answer over QUIC a moment ago",
+                )));
+            }
+            return match self.quic.open(peer, service, tls, connect_timeout).await {
+                Ok(s) => Ok((s, Via::Quic)),
+                Err(QuicError::Timeout) => {
+                    self.quic.timed_out(peer, QUIC_PEER_DOWN_FOR);
+                    Err(Upstream::Connect(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer over QUIC",
+                    )))
+                }
+                Err(QuicError::Upstream(e)) => Err(e),
+            };
+        }
+        match self.auto_route(peer) {
+            AutoRoute::Tls => return pooled().await,
+            AutoRoute::TlsAndProbe => {
+                self.probe(peer, service.to_owned(), tls.clone());
+                return pooled().await;
+            }
+            AutoRoute::Quic => {}
+        }
+        match self.quic.open(peer, service, tls, AUTO_QUIC_TIMEOUT).await {
+            Ok(s) => Ok((s, Via::Quic)),
+            Err(QuicError::Timeout) => {
+                if self.fall_back(peer) {
+                    warn!(
+                        %peer,
+                        service,
+                        "no answer over QUIC (UDP blocked?): using pooled TLS for this peer, trying QUIC again every {}s",
+                        RETRY_QUIC_AFTER.as_secs()
+                    );
+                }
+                pooled().await
+            }
+            Err(QuicError::Upstream(e)) => Err(e),
+        }
+    }
+
+    fn auto_route(&self, peer: SocketAddr) -> AutoRoute {
+        let mut map = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(&peer) {
+            None => AutoRoute::Quic,
+            Some(f) if f.probing || f.until > Instant::now() => AutoRoute::Tls,
+            Some(f) => {
+                f.probing = true;
+                AutoRoute::TlsAndProbe
+            }
+        }
+    }
+
+    /// Records that `peer` gets TLS; returns whether it was on QUIC until now.
+    fn fall_back(&self, peer: SocketAddr) -> bool {
+        let mut map = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = !map.contains_key(&peer);
+        map.insert(
+            peer,
+            Fallback {
+                until: Instant::now() + RETRY_QUIC_AFTER,
+                probing: false,
+            },
+        );
+        fresh
+    }
+
+    /// Tries a QUIC handshake with `peer` in the background; on success the peer is back on
+    /// QUIC (the probe's connection stays pooled for the next stream).
+    fn probe(self: &Arc<Self>, peer: SocketAddr, service: String, tls: Arc<TlsState>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ok = this
+                .quic
+                .connect_only(peer, &service, &tls, AUTO_QUIC_TIMEOUT)
+                .await
+                .is_ok();
+            let mut map = this.fallback.lock().unwrap_or_else(|e| e.into_inner());
+            if ok {
+                map.remove(&peer);
+                info!(%peer, service, "QUIC answers again: back from pooled TLS");
+            } else {
+                map.insert(
+                    peer,
+                    Fallback {
+                        until: Instant::now() + RETRY_QUIC_AFTER,
+                        probing: false,
+                    },
+                );
+            }
+        });
+    }
 }
 
 /// TLS over TCP (or plain TCP when the mesh has mTLS off).
-#[derive(Debug, Default)]
-pub struct TcpTls;
-
-impl Transport for TcpTls {
-    fn connect<'a>(
-        &'a self,
-        address: &'a str,
-        service: &'a str,
-        tls: Option<Arc<ClientConfig>>,
-        connect_timeout: Duration,
-        handshake_timeout: Duration,
-    ) -> BoxFuture<'a, Result<BoxStream, Upstream>> {
-        Box::pin(async move {
-            let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-                })
-                .map_err(Upstream::Connect)?;
-            let _ = tcp.set_nodelay(true);
-            let Some(config) = tls else {
-                return Ok(Box::pin(tcp) as BoxStream);
-            };
-            // SNI carries the service (what a zone ingress routes on); the certificate check
-            // is by SPIFFE id, not by this name.
-            let name = ServerName::try_from(service.to_owned()).unwrap_or_else(|_| {
-                ServerName::try_from("mesh.invalid").expect("a valid DNS name")
-            });
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let s = tokio::time::timeout(handshake_timeout, connector.connect(name, tcp))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "handshake timed out",
-                    ))
-                })
-                .map_err(Upstream::Tls)?;
-            Ok(Box::pin(s) as BoxStream)
+pub(crate) async fn tcp_tls(
+    address: &str,
+    service: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+) -> Result<(BoxStream, Via), Upstream> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
+        .map_err(Upstream::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = tls else {
+        return Ok((Box::pin(tcp) as BoxStream, Via::Tcp));
+    };
+    // SNI carries the service (what a zone ingress routes on); the certificate check is by
+    // SPIFFE id, not by this name.
+    let name = ServerName::try_from(service.to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"));
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let s = tokio::time::timeout(handshake_timeout, connector.connect(name, tcp))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ))
         })
-    }
+        .map_err(Upstream::Tls)?;
+    let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    Ok((Box::pin(s) as BoxStream, Via::Tls { resumed }))
 }

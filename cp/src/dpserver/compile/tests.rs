@@ -115,3 +115,18 @@ fn compiles_rules_most_specific_first_endpoints_by_subset_and_the_balancer() {
     );
     assert!(d.remove_inbounds.is_empty() && d.remove_outbounds.is_empty());
 }
+
+#[test]
+fn the_mesh_transport_reaches_the_config_and_its_delta() {
+    let web = dp("web-1", "web", "v1", None);
+    let mut v = view(std::slice::from_ref(&web), &[]);
+    let tls = compile(&v, &web);
+    assert_eq!(tls.transport(), Transport::Tls);
+    v.mesh = res(json!({"type": "Mesh", "name": "default", "networking": {"transport": "auto"}}));
+    let auto = compile(&v, &web);
+    assert_eq!(auto.transport(), Transport::Auto);
+    let d = delta("v1", &tls, &auto);
+    assert_eq!(d.transport, Some(Transport::Auto as i32));
+    assert_eq!(apply_delta(&tls, &d), auto);
+    assert_eq!(delta("v2", &auto, &auto).transport, None);
+}

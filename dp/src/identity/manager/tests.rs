@@ -252,6 +252,7 @@ async fn signing_ca_change_triggers_one_renewal_and_bundle_changes_are_written()
             mesh: "default".into(),
             dataplane_name: "web-1".into(),
             mtls_mode: crate::model::MtlsMode::Strict,
+            transport: Default::default(),
             trust_bundle_pem: bundle.into(),
             signing_ca_pem: signing.into(),
             inbounds: vec![],

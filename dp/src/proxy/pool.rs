@@ -1,0 +1,394 @@
+//! Pooled TLS between dataplanes: one mTLS connection per peer inbound carrying HTTP/2, one
+//! `CONNECT` stream per proxied TCP connection — for peers UDP does not reach (the fallback
+//! of `auto`) and for meshes that ask for it (`pooled`).
+//!
+//! - The client offers the ALPN `weft-pool/1`; an inbound that negotiates it serves HTTP/2 on
+//!   that connection instead of forwarding its bytes. Clients without ALPN get the plain
+//!   TLS-tunnel behaviour, so both share the inbound's TCP port.
+//! - A stream is `CONNECT <service>:<inbound port>`; the server checks both against the
+//!   inbound, authorizes the *connection's* certificate, connects to the local service and
+//!   answers 200 (bytes then flow both ways), or 403 (denied), 503 (local service down or
+//!   draining) or 421 (another inbound).
+//! - Half-close is END_STREAM; a failed side resets the stream (`CANCEL`), a reset stream
+//!   resets the TCP connection.
+//! - Draining sends GOAWAY: streams in flight finish, new ones go elsewhere.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf as _, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OnceCell, watch};
+use tracing::{debug, info, warn};
+
+use super::quic::Refusal;
+use super::tls::TlsState;
+use super::transport::{BoxStream, Upstream, tcp_tls};
+use super::{InboundState, authz, connect_local, splice};
+use crate::metrics::ListenerMetrics;
+use crate::model::Action;
+
+/// ALPN of the pooled transport.
+pub const ALPN: &[u8] = b"weft-pool/1";
+/// Concurrent proxied connections per pooled connection.
+const MAX_STREAMS: u32 = 4096;
+/// Flow-control window of a stream, and of the whole connection.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Largest frame.
+const MAX_FRAME: u32 = 64 * 1024;
+/// How long a client waits for the server to answer a CONNECT.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(Reason::CANCEL | Reason::STREAM_CLOSED) => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+/// An HTTP/2 stream as a byte stream.
+pub(crate) struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    finished: bool,
+}
+
+impl H2Stream {
+    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            finished: false,
+        }
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Ended without a clean shutdown of our half: the far end must not take what it
+            // got for a complete response.
+            self.send.send_reset(Reason::CANCEL);
+        }
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = buf.remaining().min(self.pending.len());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(n)) if n > 0 => {
+                let n = n.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_io)?;
+                Poll::Ready(Ok(n))
+            }
+            Some(Ok(_)) | None => Poll::Ready(Err(match ready!(self.send.poll_reset(cx)) {
+                Ok(reason) => io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("stream reset: {reason}"),
+                ),
+                Err(e) => h2_io(e),
+            })),
+            Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.finished {
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            self.finished = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side
+
+type Key = (String, String, u64);
+type Sender = h2::client::SendRequest<Bytes>;
+
+/// Opens streams to other dataplanes over pooled HTTP/2-over-mTLS connections.
+#[derive(Default)]
+pub struct PoolClient {
+    pool: Mutex<HashMap<Key, Arc<OnceCell<Sender>>>>,
+}
+
+impl PoolClient {
+    async fn connect(
+        address: &str,
+        service: &str,
+        tls: &TlsState,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> Result<Sender, Upstream> {
+        let config = tls
+            .pooled_client_for(service)
+            .map_err(|e| Upstream::Tls(io::Error::other(e.to_string())))?;
+        let (stream, _) = tcp_tls(
+            address,
+            service,
+            Some(config),
+            connect_timeout,
+            handshake_timeout,
+        )
+        .await?;
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| Upstream::Tls(h2_io(e)))?;
+        let peer = address.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(peer, error = %e, "pooled connection ended");
+            }
+        });
+        debug!(peer = address, service, "pooled connection established");
+        Ok(sender)
+    }
+
+    /// Opens a stream to the inbound at `address` serving `service`.
+    pub async fn open(
+        &self,
+        address: &str,
+        service: &str,
+        tls: &TlsState,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+    ) -> Result<BoxStream, Upstream> {
+        let port = address.rsplit(':').next().unwrap_or_default();
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("{service}:{port}"))
+            .body(())
+            .map_err(|e| Upstream::Connect(io::Error::other(e)))?;
+        let key: Key = (address.to_owned(), service.to_owned(), tls.generation);
+        let mut last = None;
+        // A pooled connection may have gone away (GOAWAY, peer restart): one fresh retry.
+        for _ in 0..2 {
+            let cell = {
+                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                pool.retain(|k, _| k.2 == tls.generation);
+                pool.entry(key.clone()).or_default().clone()
+            };
+            let sender = cell
+                .get_or_try_init(|| {
+                    Self::connect(address, service, tls, connect_timeout, handshake_timeout)
+                })
+                .await?
+                .clone();
+            let sent = async {
+                let mut sender = sender.ready().await?;
+                let (response, send) = sender.send_request(request.clone(), false)?;
+                let response = response.await?;
+                Ok::<_, h2::Error>((response, send))
+            };
+            match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
+                Ok(Ok((response, send))) => {
+                    let status = response.status();
+                    if status == StatusCode::OK {
+                        return Ok(Box::pin(H2Stream::new(send, response.into_body())));
+                    }
+                    return Err(Upstream::Refused(match status {
+                        StatusCode::FORBIDDEN => Refusal::Denied,
+                        StatusCode::SERVICE_UNAVAILABLE => Refusal::Unavailable,
+                        other => Refusal::Other(u32::from(other.as_u16())),
+                    }));
+                }
+                Ok(Err(e)) => last = Some(h2_io(e)),
+                Err(_) => {
+                    last = Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer to CONNECT",
+                    ))
+                }
+            }
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                pool.remove(&key);
+            }
+        }
+        Err(Upstream::Connect(last.unwrap_or_else(|| {
+            io::Error::other("pooled connection failed")
+        })))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side
+
+/// Serves an inbound's pooled connection (ALPN `weft-pool/1` negotiated): each CONNECT stream
+/// is authorized against the connection's `services`, then carried to the local service.
+pub(crate) async fn serve<S>(
+    io: S,
+    peer: SocketAddr,
+    services: Arc<Vec<String>>,
+    settings: watch::Receiver<Arc<InboundState>>,
+    metrics: ListenerMetrics,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(h2_io)?;
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            () = crate::shutdown::stopped(&mut stop), if !draining => {
+                // GOAWAY: streams in flight finish; the client opens new ones elsewhere.
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (request, respond) = next.map_err(h2_io)?;
+        let state = settings.borrow().clone();
+        let services = services.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            metrics.opened.inc();
+            metrics.active.inc();
+            stream(peer, &services, &state, &metrics, request, respond).await;
+            metrics.active.dec();
+        });
+    }
+}
+
+async fn stream(
+    peer: SocketAddr,
+    services: &[String],
+    state: &InboundState,
+    metrics: &ListenerMetrics,
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let ib = &state.inbound;
+    let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .expect("a valid response");
+        respond.send_response(response, status != StatusCode::OK)
+    };
+    let own = ib
+        .tags
+        .get("kuma.io/service")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let wanted = format!("{own}:{}", ib.port);
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+    if request.method() != Method::CONNECT || authority.as_deref() != Some(wanted.as_str()) {
+        warn!(%peer, port = ib.port, asked = ?authority, "pooled stream for another inbound");
+        let _ = answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
+        return;
+    }
+    let verdict = authz::decide(&ib.rules, services);
+    if !verdict.allow {
+        metrics.denied.inc();
+        warn!(
+            %peer,
+            port = ib.port,
+            client = ?services,
+            policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
+            "denied"
+        );
+        let _ = answer(&mut respond, StatusCode::FORBIDDEN);
+        return;
+    }
+    if verdict.action == Some(Action::AllowWithShadowDeny) {
+        info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
+    }
+    let target = SocketAddr::new(ib.service_address, ib.service_port);
+    let Ok(mut up) = connect_local(target, metrics).await else {
+        let _ = answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    };
+    let Ok(send) = answer(&mut respond, StatusCode::OK) else {
+        return;
+    };
+    metrics.pooled_streams.inc();
+    let mut s = H2Stream::new(send, request.into_body());
+    match splice(&mut s, &mut up).await {
+        Ok((from_client, to_client)) => {
+            metrics.bytes_to_upstream.inc_by(from_client);
+            metrics.bytes_from_upstream.inc_by(to_client);
+        }
+        Err(e) => {
+            let _ = up.set_zero_linger();
+            debug!(%peer, port = ib.port, error = %e, "pooled stream ended with an error");
+        }
+    }
+}
+
+/// Whether a TLS connection negotiated the pooled transport.
+pub(crate) fn negotiated(conn: &rustls::ServerConnection) -> bool {
+    conn.alpn_protocol() == Some(ALPN)
+}

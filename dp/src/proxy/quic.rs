@@ -1,0 +1,643 @@
+//! QUIC between dataplanes: one connection per peer inbound, one bidirectional stream per
+//! proxied TCP connection.
+//!
+//! - Both ends authenticate with the mesh certificates exactly as over TLS (the same
+//!   verifiers: WebPKI chain to the mesh bundle; the server must hold the target service's
+//!   SPIFFE id). The client's identity is the SPIFFE id of the *connection's* certificate;
+//!   nothing in a stream can claim another.
+//! - A stream opens with a header, client → server: version (1), the inbound port (u16, big
+//!   endian), the length of the target service's name (u8) and the name. The server checks the
+//!   port and service against the inbound, authorizes the connection's identity, connects to
+//!   the local service and answers one byte, [`ACCEPTED`]; bytes then flow both ways. A
+//!   refusal is a stream reset with one of the [`code`]s, so the client can tell "denied"
+//!   (give up) from "unavailable" or "draining" (try another endpoint).
+//! - Half-close maps to FIN both ways; a reset TCP connection resets the stream
+//!   ([`code::RESET`]) and a reset stream resets the TCP connection (linger 0).
+//! - Inbound endpoints listen on the inbound's port over UDP while the mesh's transport is
+//!   `quic` or `auto`; their server configuration follows certificate rotation (new
+//!   connections get the new certificate, established connections and their streams stay).
+//! - Client connections are pooled per (peer, service, TLS generation): after a rotation new
+//!   streams go over a new connection and the old one closes when its last stream ends.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::net::TcpStream;
+use tokio::sync::{OnceCell, watch};
+use tracing::{debug, info, warn};
+
+use super::tls::{self, TlsState};
+use super::transport::{BoxStream, Upstream};
+use super::{InboundState, Tracker, authz, connect_local, splice};
+use crate::metrics::ListenerMetrics;
+use crate::model::{Action, Transport};
+
+/// ALPN of weft's tunnel protocol.
+pub const ALPN: &[u8] = b"weft-tunnel/1";
+/// Header version.
+const VERSION: u8 = 1;
+/// The server's answer when the stream is accepted.
+const ACCEPTED: u8 = 0;
+/// How long a server waits for a stream's header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the server to accept a stream, beyond a few round trips: the
+/// server answers once its local service accepted the TCP connection. No answer means the peer
+/// is gone (a dead peer's UDP port sends nothing back) or its service is stuck: either way
+/// another endpoint is tried.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+/// Concurrent proxied connections per peer connection.
+const MAX_STREAMS: u32 = 4096;
+
+/// Application error codes (stream resets and connection closes).
+pub mod code {
+    /// The client's identity is not allowed on this inbound.
+    pub const DENIED: u32 = 1;
+    /// The local service did not accept the connection.
+    pub const UNAVAILABLE: u32 = 2;
+    /// The inbound is draining or gone: use another endpoint.
+    pub const DRAINING: u32 = 3;
+    /// The header was malformed or named another inbound.
+    pub const BAD_HEADER: u32 = 4;
+    /// The TCP connection on the other side was reset.
+    pub const RESET: u32 = 5;
+}
+
+/// Transport parameters for both ends: many concurrent streams, windows sized for bulk
+/// transfers on a LAN while bounding what one peer can make the dataplane buffer.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(2 * 1024 * 1024))
+        .receive_window(VarInt::from_u32(32 * 1024 * 1024))
+        .send_window(32 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()))
+        .initial_rtt(Duration::from_millis(10));
+    Arc::new(t)
+}
+
+fn varint(c: u32) -> VarInt {
+    VarInt::from_u32(c)
+}
+
+/// Encodes a stream header.
+pub(crate) fn header(port: u16, service: &str) -> Option<Vec<u8>> {
+    let len = u8::try_from(service.len()).ok()?;
+    let mut h = Vec::with_capacity(4 + service.len());
+    h.push(VERSION);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.push(len);
+    h.extend_from_slice(service.as_bytes());
+    Some(h)
+}
+
+/// Reads a stream header: (port, service).
+async fn read_header(recv: &mut RecvStream) -> Result<(u16, String), String> {
+    let mut fixed = [0u8; 4];
+    recv.read_exact(&mut fixed)
+        .await
+        .map_err(|e| format!("header: {e}"))?;
+    if fixed[0] != VERSION {
+        return Err(format!("header version {} (want {VERSION})", fixed[0]));
+    }
+    let port = u16::from_be_bytes([fixed[1], fixed[2]]);
+    let mut name = vec![0u8; usize::from(fixed[3])];
+    recv.read_exact(&mut name)
+        .await
+        .map_err(|e| format!("header: {e}"))?;
+    let service = String::from_utf8(name).map_err(|_| "header: service is not UTF-8".to_owned())?;
+    Ok((port, service))
+}
+
+/// A stream as one duplex byte stream.
+type Duplex = tokio::io::Join<RecvStream, SendStream>;
+
+/// Resets both halves of a stream with `c` (no-op on halves already closed).
+fn reset(s: &mut Duplex, c: u32) {
+    let _ = s.writer_mut().reset(varint(c));
+    let _ = s.reader_mut().stop(varint(c));
+}
+
+/// Copies between a stream and a TCP connection, mapping resets both ways.
+async fn splice_stream(mut stream: Duplex, tcp: TcpStream) -> io::Result<(u64, u64)> {
+    let mut tcp = tcp;
+    let r = splice(&mut tcp, &mut stream).await;
+    if r.is_err() {
+        reset(&mut stream, code::RESET);
+        // Close the TCP side with a RST, as a reset stream means the far side was reset.
+        let _ = tcp.set_zero_linger();
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side
+
+/// Pool key: peer address, service (whose SPIFFE id the peer must hold) and TLS generation.
+type Key = (SocketAddr, String, u64);
+
+/// Opens streams to other dataplanes over pooled QUIC connections.
+#[derive(Default)]
+pub struct QuicClient {
+    v4: OnceCell<quinn::Endpoint>,
+    v6: OnceCell<quinn::Endpoint>,
+    pool: Mutex<HashMap<Key, Arc<OnceCell<Connection>>>>,
+    /// Peers whose QUIC handshake timed out, until when to leave them alone.
+    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+/// Why a QUIC stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// No answer to the handshake in time: UDP may be blocked, or the peer is down.
+    #[error("no answer over QUIC")]
+    Timeout,
+    /// Any other failure.
+    #[error(transparent)]
+    Upstream(Upstream),
+}
+
+impl QuicClient {
+    async fn endpoint(&self, peer: &SocketAddr) -> io::Result<quinn::Endpoint> {
+        let (cell, any) = match peer.ip() {
+            IpAddr::V4(_) => (&self.v4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            IpAddr::V6(_) => (&self.v6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
+        cell.get_or_try_init(|| async { quinn::Endpoint::client(SocketAddr::new(any, 0)) })
+            .await
+            .cloned()
+    }
+
+    /// Whether `peer` recently failed a QUIC handshake by timing out.
+    pub fn unreachable(&self, peer: &SocketAddr) -> bool {
+        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                map.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_unreachable(&self, peer: SocketAddr, for_: Duration) -> bool {
+        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(peer, Instant::now() + for_).is_none()
+    }
+
+    /// Connects to `peer` (or finds the pooled connection) without opening a stream.
+    pub async fn connect_only(
+        &self,
+        peer: SocketAddr,
+        service: &str,
+        tls: &TlsState,
+        timeout: Duration,
+    ) -> Result<(), QuicError> {
+        self.connection(peer, service, tls, timeout).await.map(drop)
+    }
+
+    /// Drops `conn` from the pool: new streams go over a new connection (the old one lives
+    /// while it has streams, or until its idle timeout).
+    fn evict(&self, conn: &Connection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.retain(|_, c| c.get().is_none_or(|c| c.stable_id() != conn.stable_id()));
+    }
+
+    /// A pooled connection to `peer` for `service`, connecting if there is none (concurrent
+    /// callers share one handshake).
+    async fn connection(
+        &self,
+        peer: SocketAddr,
+        service: &str,
+        tls: &TlsState,
+        timeout: Duration,
+    ) -> Result<Connection, QuicError> {
+        let key: Key = (peer, service.to_owned(), tls.generation);
+        for _ in 0..2 {
+            let cell = {
+                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                // Connections of older TLS generations take no new streams; they close when
+                // their last stream ends.
+                pool.retain(|k, c| {
+                    k.2 == tls.generation && c.get().is_none_or(|c| c.close_reason().is_none())
+                });
+                pool.entry(key.clone()).or_default().clone()
+            };
+            let conn = cell
+                .get_or_try_init(|| self.handshake(peer, service, tls, timeout))
+                .await?
+                .clone();
+            if conn.close_reason().is_none() {
+                return Ok(conn);
+            }
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                pool.remove(&key);
+            }
+        }
+        Err(QuicError::Upstream(Upstream::Connect(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "QUIC connection closed",
+        ))))
+    }
+
+    async fn handshake(
+        &self,
+        peer: SocketAddr,
+        service: &str,
+        tls: &TlsState,
+        timeout: Duration,
+    ) -> Result<Connection, QuicError> {
+        let config = tls
+            .quic_client_for(service)
+            .map_err(|e| QuicError::Upstream(Upstream::Tls(io::Error::other(e.to_string()))))?;
+        let endpoint = self
+            .endpoint(&peer)
+            .await
+            .map_err(|e| QuicError::Upstream(Upstream::Connect(e)))?;
+        // SNI carries the service, as over TLS.
+        let name = if service.is_empty() || service.len() > 253 {
+            "mesh.invalid"
+        } else {
+            service
+        };
+        let connecting = match endpoint.connect_with(config.clone(), peer, name) {
+            Err(quinn::ConnectError::InvalidServerName(_)) => {
+                endpoint.connect_with(config, peer, "mesh.invalid")
+            }
+            other => other,
+        }
+        .map_err(|e| QuicError::Upstream(Upstream::Connect(io::Error::other(e))))?;
+        match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => Err(QuicError::Timeout),
+            Ok(Err(e)) => Err(QuicError::Upstream(Upstream::Tls(io::Error::other(e)))),
+            Ok(Ok(c)) => {
+                debug!(%peer, service, "QUIC connection established");
+                Ok(c)
+            }
+        }
+    }
+
+    /// Opens a stream to the inbound `peer` serving `service`: connects (or reuses the pooled
+    /// connection), sends the header and waits for the server to accept.
+    pub async fn open(
+        &self,
+        peer: SocketAddr,
+        service: &str,
+        tls: &TlsState,
+        timeout: Duration,
+    ) -> Result<BoxStream, QuicError> {
+        let conn = self.connection(peer, service, tls, timeout).await?;
+        let fail = |e: String| QuicError::Upstream(Upstream::Connect(io::Error::other(e)));
+        let hdr =
+            header(peer.port(), service).ok_or_else(|| fail("service name too long".into()))?;
+        let opened = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            send.write_all(&hdr)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let mut answer = [0u8; 1];
+            match recv.read_exact(&mut answer).await {
+                Ok(()) if answer[0] == ACCEPTED => Ok(tokio::io::join(recv, send)),
+                Ok(()) => Err(fail(format!("unexpected answer {}", answer[0]))),
+                Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(c))) => {
+                    Err(QuicError::Upstream(Upstream::Refused(refusal(c))))
+                }
+                Err(e) => Err(fail(e.to_string())),
+            }
+        };
+        let stream = match tokio::time::timeout(ANSWER_TIMEOUT + conn.rtt() * 4, opened).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                if matches!(e, QuicError::Upstream(Upstream::Refused(Refusal::Draining))) {
+                    self.evict(&conn);
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                self.evict(&conn);
+                return Err(QuicError::Timeout);
+            }
+        };
+        Ok(Box::pin(QuicStream {
+            inner: stream,
+            finished: false,
+        }) as BoxStream)
+    }
+
+    /// Handles a handshake timeout: returns whether this is news (to log once).
+    pub fn timed_out(&self, peer: SocketAddr, for_: Duration) -> bool {
+        self.mark_unreachable(peer, for_)
+    }
+}
+
+/// Why a server refused a stream.
+fn refusal(c: VarInt) -> Refusal {
+    match u32::try_from(c.into_inner()).unwrap_or(u32::MAX) {
+        code::DENIED => Refusal::Denied,
+        code::DRAINING => Refusal::Draining,
+        code::UNAVAILABLE => Refusal::Unavailable,
+        other => Refusal::Other(other),
+    }
+}
+
+/// A server's refusal of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not authorized: no other endpoint will say otherwise.
+    Denied,
+    /// The inbound is draining.
+    Draining,
+    /// The local service is down.
+    Unavailable,
+    /// Another code.
+    Other(u32),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Denied => f.write_str("denied by the peer's traffic permissions"),
+            Refusal::Draining => f.write_str("the peer is draining"),
+            Refusal::Unavailable => f.write_str("the peer's local service is unavailable"),
+            Refusal::Other(c) => write!(f, "refused with code {c}"),
+        }
+    }
+}
+
+/// The client end of a stream: a reset on error paths is the caller's (`splice` reports the
+/// error and drops the stream; an unfinished send half is then reset, not finished).
+struct QuicStream {
+    inner: Duplex,
+    finished: bool,
+}
+
+impl Drop for QuicStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Dropped before a clean shutdown of our half (the TCP side failed): reset, so
+            // the far end does not mistake it for a complete response.
+            let _ = self.inner.writer_mut().reset(varint(code::RESET));
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for QuicStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for QuicStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) {
+            self.finished = true;
+        }
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side
+
+/// Whether an inbound in `state` serves QUIC.
+pub(crate) fn wanted(state: &InboundState) -> bool {
+    state.mode.needs_certificate() && matches!(state.transport, Transport::Quic | Transport::Auto)
+}
+
+/// The QUIC side of an inbound listener: binds `bind` over UDP once the mesh wants QUIC,
+/// follows the TLS state and the transport setting, serves streams until `stop`.
+pub(crate) struct QuicInbound {
+    pub(crate) bind: SocketAddr,
+    pub(crate) settings: watch::Receiver<Arc<InboundState>>,
+    pub(crate) tls: watch::Receiver<Option<Arc<TlsState>>>,
+    pub(crate) metrics: ListenerMetrics,
+    pub(crate) tracker: Arc<Tracker>,
+}
+
+impl QuicInbound {
+    pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // Wait until QUIC is wanted and a certificate exists.
+        let endpoint = loop {
+            let want = wanted(&self.settings.borrow_and_update());
+            let tls = self.tls.borrow_and_update().clone();
+            if let (true, Some(tls)) = (want, tls) {
+                match bind(self.bind, tls.quic_server.clone()) {
+                    Ok(e) => break e,
+                    Err(e) => {
+                        warn!(addr = %self.bind, error = %e, "cannot bind QUIC; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(super::REBIND_AFTER) => continue,
+                            () = crate::shutdown::stopped(&mut stop) => return,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                r = self.settings.changed() => if r.is_err() { return },
+                r = self.tls.changed() => if r.is_err() { return },
+                () = crate::shutdown::stopped(&mut stop) => return,
+            }
+        };
+        info!(addr = %self.bind, "listening (QUIC)");
+        let this = Arc::new(self);
+        let mut settings = this.settings.clone();
+        let mut tls = this.tls.clone();
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let this = this.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move { this.connection(incoming, stop).await });
+                }
+                r = settings.changed() => {
+                    if r.is_err() { break }
+                    let want = wanted(&settings.borrow_and_update());
+                    let tls = tls.borrow().clone();
+                    // Off: refuse new connections, keep established ones.
+                    endpoint.set_server_config(want.then(|| tls.map(|t| t.quic_server.clone())).flatten());
+                }
+                r = tls.changed() => {
+                    if r.is_err() { break }
+                    let t = tls.borrow_and_update().clone();
+                    if wanted(&settings.borrow()) {
+                        if let Some(t) = t {
+                            endpoint.set_server_config(Some(t.quic_server.clone()));
+                        }
+                    }
+                }
+                () = crate::shutdown::stopped(&mut stop) => break,
+            }
+        }
+        endpoint.set_server_config(None);
+        info!(addr = %this.bind, "stopped accepting (QUIC)");
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let peer = incoming.remote_address();
+        let port = self.bind.port();
+        let conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.metrics.tls_failures.inc();
+                warn!(%peer, port, error = %e, "QUIC handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_failures.inc();
+                warn!(%peer, port, "QUIC handshake timed out");
+                return;
+            }
+        };
+        let mesh = self
+            .tls
+            .borrow()
+            .as_ref()
+            .map(|t| t.mesh.clone())
+            .unwrap_or_default();
+        let services: Arc<Vec<String>> = Arc::new(
+            conn.peer_identity()
+                .and_then(|i| {
+                    i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .and_then(|certs| certs.first().map(|leaf| tls::peer_services(leaf, &mesh)))
+                .unwrap_or_default(),
+        );
+        debug!(%peer, port, client = ?services, "QUIC connection accepted");
+        let streams = Arc::new(Tracker::default());
+        loop {
+            let accepted = tokio::select! {
+                s = conn.accept_bi() => s,
+                () = crate::shutdown::stopped(&mut stop) => break,
+            };
+            let Ok((send, recv)) = accepted else { return };
+            let this = self.clone();
+            let services = services.clone();
+            let guard = (self.tracker.enter(), streams.enter());
+            tokio::spawn(async move {
+                this.metrics.opened.inc();
+                this.metrics.quic_streams.inc();
+                this.metrics.active.inc();
+                this.stream(peer, &services, tokio::io::join(recv, send))
+                    .await;
+                this.metrics.active.dec();
+                drop(guard);
+            });
+        }
+        // Draining or removed: refuse new streams (the client tries another endpoint) until
+        // the ones in flight end, then close.
+        loop {
+            tokio::select! {
+                s = conn.accept_bi() => match s {
+                    Ok((mut send, mut recv)) => {
+                        let _ = send.reset(varint(code::DRAINING));
+                        let _ = recv.stop(varint(code::DRAINING));
+                    }
+                    Err(_) => return,
+                },
+                () = streams.idle() => break,
+            }
+        }
+        conn.close(varint(code::DRAINING), b"draining");
+    }
+
+    async fn stream(&self, peer: SocketAddr, services: &[String], mut s: Duplex) {
+        let state = self.settings.borrow().clone();
+        let ib = &state.inbound;
+        let header = tokio::time::timeout(HEADER_TIMEOUT, read_header(s.reader_mut())).await;
+        let (port, service) = match header {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                warn!(%peer, port = ib.port, error = %e, "bad QUIC stream header");
+                return reset(&mut s, code::BAD_HEADER);
+            }
+            Err(_) => return reset(&mut s, code::BAD_HEADER),
+        };
+        let own = ib
+            .tags
+            .get("kuma.io/service")
+            .map(String::as_str)
+            .unwrap_or_default();
+        if port != ib.port || service != own {
+            warn!(%peer, port = ib.port, asked_port = port, asked = %service, "QUIC stream for another inbound");
+            return reset(&mut s, code::BAD_HEADER);
+        }
+        let verdict = authz::decide(&ib.rules, services);
+        if !verdict.allow {
+            self.metrics.denied.inc();
+            warn!(
+                %peer,
+                port = ib.port,
+                client = ?services,
+                policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
+                "denied"
+            );
+            return reset(&mut s, code::DENIED);
+        }
+        if verdict.action == Some(Action::AllowWithShadowDeny) {
+            info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
+        }
+        let target = SocketAddr::new(ib.service_address, ib.service_port);
+        let Ok(up) = connect_local(target, &self.metrics).await else {
+            return reset(&mut s, code::UNAVAILABLE);
+        };
+        if s.writer_mut().write_all(&[ACCEPTED]).await.is_err() {
+            return;
+        }
+        match splice_stream(s, up).await {
+            Ok((to, from)) => {
+                self.metrics.bytes_to_upstream.inc_by(to);
+                self.metrics.bytes_from_upstream.inc_by(from);
+            }
+            Err(e) => debug!(%peer, port = ib.port, error = %e, "QUIC stream ended with an error"),
+        }
+    }
+}
+
+/// Binds a server endpoint on `addr` (UDP).
+fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+}
