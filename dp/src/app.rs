@@ -210,6 +210,7 @@ pub async fn run_checked(
     let (tls_tx, tls_rx) = watch::channel(None);
     tasks.spawn(proxy::tls_task(
         dataplane.mesh.clone(),
+        config.tls_resumption,
         creds_rx.clone(),
         config_rx.clone(),
         tls_tx,

@@ -73,6 +73,9 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     /// Threads of the async runtime (default: one per CPU).
     pub worker_threads: Option<usize>,
+    /// Resume TLS sessions between dataplanes (TLS 1.3 tickets; default true). `false` makes
+    /// every TLS connection a full handshake.
+    pub tls_resumption: Option<bool>,
 }
 
 /// A checked configuration.
@@ -100,6 +103,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+    /// Resume TLS sessions between dataplanes.
+    pub tls_resumption: bool,
 }
 
 impl FileConfig {
@@ -141,7 +146,8 @@ impl FileConfig {
             reconnect_max_backoff,
             status_interval,
             drain_timeout,
-            worker_threads
+            worker_threads,
+            tls_resumption
         );
         self
     }
@@ -217,6 +223,7 @@ impl FileConfig {
                 }
                 n => n,
             },
+            tls_resumption: self.tls_resumption.unwrap_or(true),
         })
     }
 }

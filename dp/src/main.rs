@@ -66,6 +66,10 @@ struct Flags {
     /// Threads of the async runtime (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Resume TLS sessions between dataplanes (default true; false: a full handshake per
+    /// TLS connection).
+    #[arg(long)]
+    tls_resumption: Option<bool>,
 }
 
 fn load(f: Flags) -> Result<Config, String> {
@@ -91,6 +95,7 @@ fn load(f: Flags) -> Result<Config, String> {
         status_interval: f.status_interval,
         drain_timeout: f.drain_timeout,
         worker_threads: f.worker_threads,
+        tls_resumption: f.tls_resumption,
     };
     base.overlay(flags).check().map_err(|e| e.to_string())
 }

@@ -102,6 +102,7 @@ impl Drop for TrackGuard {
 /// changes, until `stop`.
 pub async fn tls_task(
     mesh: String,
+    resumption: bool,
     mut creds: watch::Receiver<Option<Arc<Credentials>>>,
     mut config: watch::Receiver<Option<Arc<Applied>>>,
     out: watch::Sender<Option<Arc<TlsState>>>,
@@ -121,7 +122,9 @@ pub async fn tls_task(
             let key = (c.cert_chain_pem.clone(), bundle.clone());
             if last.as_ref() != Some(&key) {
                 generation += 1;
-                match TlsState::new(generation, &mesh, &c, &bundle) {
+                match TlsState::new(generation, &mesh, &c, &bundle)
+                    .map(|s| s.with_resumption(resumption))
+                {
                     Ok(s) => {
                         info!(generation, ids = ?c.spiffe_ids, "TLS credentials in use");
                         out.send_replace(Some(Arc::new(s)));

@@ -271,6 +271,7 @@ async fn joins_acks_nacks_serves_config_and_survives_cp_restart() {
         status_interval: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(1),
         worker_threads: None,
+        tls_resumption: true,
     };
     let (dp_stop, dp_task) = start_dp(config.clone());
 

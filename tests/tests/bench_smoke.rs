@@ -54,7 +54,7 @@ fn datapath_smoke_has_numbers() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let table = bench(&["datapath", "--smoke"], &dir.path().join("datapath.md"))?;
     eprintln!("{table}");
-    for path in ["direct", "weft"] {
+    for path in ["direct", "weft", "weft-pooled", "weft-quic", "weft-auto"] {
         let rps = first_figure(&table, path);
         ensure!(
             rps.is_some_and(|v| v > 0.0),

@@ -27,6 +27,9 @@ fn full_file_and_flag_overlay() {
     assert_eq!(c.reconnect_max_backoff, Duration::from_secs(3));
     assert_eq!(c.status_interval, Duration::from_secs(10));
     assert!(c.dataplane_vars.is_empty());
+    assert!(c.tls_resumption, "TLS sessions resume by default");
+    let off = FileConfig::parse("tls_resumption = false\n").unwrap();
+    assert!(!minimal().overlay(off).check().unwrap().tls_resumption);
 }
 
 #[test]

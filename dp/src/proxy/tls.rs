@@ -68,6 +68,7 @@ pub struct TlsState {
     key: PrivateKeyDer<'static>,
     clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
     pooled_clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    resumption: bool,
     quic_clients: Mutex<HashMap<String, quinn::ClientConfig>>,
 }
 
@@ -149,8 +150,21 @@ impl TlsState {
             key,
             clients: Mutex::new(HashMap::new()),
             pooled_clients: Mutex::new(HashMap::new()),
+            resumption: true,
             quic_clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Turns TLS session resumption off (every handshake a full one) when `on` is false.
+    pub fn with_resumption(mut self, on: bool) -> TlsState {
+        self.resumption = on;
+        if !on {
+            let mut server = (*self.server).clone();
+            server.send_tls13_tickets = 0;
+            server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            self.server = Arc::new(server);
+        }
+        self
     }
 
     /// The rustls client configuration for `service`'s SPIFFE id, TLS 1.3 only or not.
@@ -166,10 +180,14 @@ impl TlsState {
         } else {
             builder.with_safe_default_protocol_versions()?
         };
-        Ok(builder
+        let mut config = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        if !self.resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(config)
     }
 
     /// The client configuration for pooled connections to `service` (ALPN `weft-pool/1`).

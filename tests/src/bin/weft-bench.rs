@@ -340,13 +340,13 @@ impl Mesh {
         Ok(())
     }
 
-    fn token(&self, name: Option<&str>, service: &str) -> Result<String> {
+    fn token(&self, mesh: &str, name: Option<&str>, service: &str) -> Result<String> {
         let tag = format!("kuma.io/service={service}");
         let mut args = vec![
             "generate",
             "dataplane-token",
             "--mesh",
-            "default",
+            mesh,
             "--tag",
             &tag,
             "--valid-for",
@@ -358,12 +358,20 @@ impl Mesh {
         Ok(self.weftctl(&args)?.trim().to_owned())
     }
 
-    /// `weft-dp run` with one runtime worker on host `i`.
-    fn start_dp(&self, i: usize, name: &str, service: &str, yaml: &str) -> Result<Proc> {
-        let dir = self.dir().join(format!("dp-{name}"));
+    /// `weft-dp run` with one runtime worker on host `i`, and `extra` flags.
+    fn start_dp(
+        &self,
+        i: usize,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        yaml: &str,
+        extra: &[&str],
+    ) -> Result<Proc> {
+        let dir = self.dir().join(format!("dp-{mesh}-{name}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("dataplane.yaml"), yaml)?;
-        std::fs::write(dir.join("token"), self.token(Some(name), service)?)?;
+        std::fs::write(dir.join("token"), self.token(mesh, Some(name), service)?)?;
         let host = self.host(i).clone();
         let mut cmd = host.command(need(&self.bins, "weft-dp")?);
         cmd.arg("run")
@@ -377,9 +385,10 @@ impl Mesh {
             .arg(dir.join("token"))
             .arg("--state-dir")
             .arg(dir.join("state"))
-            .args(["--worker-threads", "1", "--drain-timeout", "1s"]);
+            .args(["--worker-threads", "1", "--drain-timeout", "1s"])
+            .args(extra);
         cmd.env("RUST_LOG", "warn");
-        host.spawn(&format!("dp-{name}"), cmd)
+        host.spawn(&format!("dp-{mesh}-{name}"), cmd)
     }
 }
 
@@ -443,7 +452,7 @@ mod datapath {
         let wanted: Vec<String> = a
             .paths
             .as_deref()
-            .unwrap_or("direct,weft,haproxy,nginx,stunnel")
+            .unwrap_or(DEFAULT_PATHS)
             .split(',')
             .map(|s| s.trim().to_owned())
             .collect();
@@ -476,15 +485,33 @@ mod datapath {
                 note: "plain TCP to the backend".into(),
             });
         }
-        if want("weft") {
-            mesh.apply("allow", ALLOW)?;
-            let s = mesh.start_dp(3, "backend", "backend", BACKEND_YAML)?;
-            let c = mesh.start_dp(2, "web", "web", WEB_YAML)?;
+        for (k, v) in WEFT.iter().enumerate().filter(|(_, v)| want(v.path)) {
+            // Each variant in a mesh of its own (the transport is per mesh), on its own ports.
+            let (inbound, outbound) = (10002 + 10 * k, 20001 + 10 * k);
+            mesh.apply(&format!("mesh-{}", v.mesh), &mesh_yaml(v.mesh, v.transport))?;
+            mesh.apply(
+                &format!("allow-{}", v.mesh),
+                &ALLOW.replace("mesh: default", &format!("mesh: {}", v.mesh)),
+            )?;
+            let extra: &[&str] = if v.resumption {
+                &[]
+            } else {
+                &["--tls-resumption", "false"]
+            };
+            let s = mesh.start_dp(
+                3,
+                v.mesh,
+                "backend",
+                "backend",
+                &backend_yaml(v.mesh, inbound),
+                extra,
+            )?;
+            let c = mesh.start_dp(2, v.mesh, "web", "web", &web_yaml(v.mesh, outbound), extra)?;
             paths.push(Path_ {
-                name: "weft",
-                base: "http://127.0.0.1:20001".into(),
+                name: v.path,
+                base: format!("http://127.0.0.1:{outbound}"),
                 procs: vec![c, s],
-                note: "weft-dp --worker-threads 1, authorization on".into(),
+                note: format!("weft-dp --worker-threads 1, authorization on; {}", v.note),
             });
         }
         if want("haproxy") {
@@ -504,6 +531,17 @@ mod datapath {
             match which("stunnel4").or_else(|| which("stunnel")) {
                 Some(st) => paths.push(stunnel(&dir, &client, &server, &st)?),
                 None => skipped.push("stunnel (not installed)".into()),
+            }
+        }
+        if want("rusnel") {
+            match which("rusnel").or_else(|| {
+                let p = PathBuf::from("/var/tmp/rusnel/bin/rusnel");
+                p.exists().then_some(p)
+            }) {
+                Some(r) => paths.push(rusnel(&dir, &client, &server, &r)?),
+                None => skipped.push(
+                    "rusnel (not installed: `cargo install rusnel --root /var/tmp/rusnel`)".into(),
+                ),
             }
         }
         ensure!(!paths.is_empty(), "no path to measure");
@@ -715,6 +753,55 @@ mod datapath {
             added.map_or("–".into(), |v| format!("{v:+.3} ms")),
             check(added.map(|v| v <= 0.2))
         );
+        // The multiplexed transports.
+        let ratio = |a: &str, b: &str, f: &str| fin(med(a, f) / med(b, f));
+        for (what, r) in [
+            (
+                "weft-quic req/s ≥ 1.3× rusnel",
+                ratio("weft-quic", "rusnel", "rps"),
+            ),
+            (
+                "weft-quic CPU/request ≤ rusnel's / 1.3",
+                ratio("rusnel", "weft-quic", "cpu"),
+            ),
+            (
+                "weft-quic bulk ≥ 1.3× rusnel",
+                ratio("weft-quic", "rusnel", "bulk"),
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "- {what}: {} ({})",
+                r.map_or("–".into(), |v| format!("{v:.2}×")),
+                check(r.map(|v| v >= 1.3))
+            );
+        }
+        for p in ["weft-quic", "weft-pooled", "weft-auto"] {
+            let cps = fin(med(p, "cps"));
+            let _ = writeln!(
+                s,
+                "- {p} ≥ 12k new connections/s: {} ({})",
+                cps.map_or("–".into(), |v| format!("{v:.0}")),
+                check(cps.map(|v| v >= 12_000.0))
+            );
+        }
+        for (what, f, better_low) in [("CPU/request", "cpu", true), ("bulk", "bulk", false)] {
+            let (q, t) = (fin(med("weft-quic", f)), fin(med("weft", f)));
+            let ok = q.zip(t).map(|(q, t)| {
+                if better_low {
+                    q <= t * 1.05
+                } else {
+                    q >= t * 0.95
+                }
+            });
+            let _ = writeln!(
+                s,
+                "- weft-quic {what} no worse than weft (TLS) within 5 %: {} vs {} ({})",
+                q.map_or("–".into(), |v| fmt_val(f, v)),
+                t.map_or("–".into(), |v| fmt_val(f, v)),
+                check(ok)
+            );
+        }
         // Every round, so the spread is visible.
         let _ = writeln!(s, "\n### Rounds\n");
         let _ = writeln!(s, "| path | figure | per round |");
@@ -729,6 +816,76 @@ mod datapath {
             }
         }
         s
+    }
+
+    /// The paths measured when `--paths` is not given (those whose tools are installed).
+    const DEFAULT_PATHS: &str =
+        "direct,weft,weft-full,weft-pooled,weft-quic,weft-auto,haproxy,nginx,stunnel,rusnel";
+
+    /// A weft-dp pair over one transport.
+    struct Variant {
+        path: &'static str,
+        mesh: &'static str,
+        transport: &'static str,
+        resumption: bool,
+        note: &'static str,
+    }
+
+    /// Every weft variant: `weft` is the default transport (TLS with session resumption).
+    const WEFT: [Variant; 5] = [
+        Variant {
+            path: "weft",
+            mesh: "default",
+            transport: "tls",
+            resumption: true,
+            note: "TLS over TCP per connection, sessions resumed (the default)",
+        },
+        Variant {
+            path: "weft-full",
+            mesh: "full",
+            transport: "tls",
+            resumption: false,
+            note: "TLS over TCP per connection, full handshakes (`--tls-resumption false`)",
+        },
+        Variant {
+            path: "weft-pooled",
+            mesh: "pooled",
+            transport: "pooled",
+            resumption: true,
+            note: "pooled TLS: HTTP/2 CONNECT streams over one mTLS connection",
+        },
+        Variant {
+            path: "weft-quic",
+            mesh: "quic",
+            transport: "quic",
+            resumption: true,
+            note: "QUIC: streams over one connection",
+        },
+        Variant {
+            path: "weft-auto",
+            mesh: "auto",
+            transport: "auto",
+            resumption: true,
+            note: "auto (QUIC here: UDP is open)",
+        },
+    ];
+
+    fn mesh_yaml(name: &str, transport: &str) -> String {
+        format!(
+            "type: Mesh\nname: {name}\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\nnetworking:\n  transport: {transport}\n"
+        )
+    }
+
+    fn backend_yaml(mesh: &str, port: usize) -> String {
+        BACKEND_YAML
+            .replace("mesh: default", &format!("mesh: {mesh}"))
+            .replace("port: 10002", &format!("port: {port}"))
+    }
+
+    fn web_yaml(mesh: &str, port: usize) -> String {
+        WEB_YAML
+            .replace("mesh: default", &format!("mesh: {mesh}"))
+            .replace("port: 20001", &format!("port: {port}"))
     }
 
     const ALLOW: &str = "type: MeshTrafficPermission\nmesh: default\nname: web-to-backend\nspec:\n  targetRef:\n    kind: MeshService\n    name: backend\n  from:\n  - targetRef:\n      kind: MeshService\n      name: web\n    default:\n      action: Allow\n";
@@ -842,6 +999,46 @@ mod datapath {
             base: "http://127.0.0.1:21002".into(),
             procs: vec![c, s],
             note: "nginx stream, one process each (worker_processes 1, master_process off), TLS 1.3, ssl_verify_client on".into(),
+        })
+    }
+
+    /// rusnel (quinn-based TCP-over-QUIC tunnel) with mTLS: server on the server host, client
+    /// on the client host; one tokio worker each (`TOKIO_WORKER_THREADS=1`).
+    fn rusnel(dir: &Path, client: &Host, server: &Host, bin: &Path) -> Result<Path_> {
+        let d = dir.display();
+        let mut cmd = server.command(bin);
+        cmd.args(["server", "--host", &server.addr.to_string(), "-p", "9443"])
+            .args([
+                "--tls-cert",
+                &format!("{d}/server.crt"),
+                "--tls-key",
+                &format!("{d}/server.key"),
+            ])
+            .args([
+                "--tls-ca",
+                &format!("{d}/ca.pem"),
+                "--no-admin-socket",
+                "-q",
+            ])
+            .env("TOKIO_WORKER_THREADS", "1");
+        let s = server.spawn("rusnel-server", cmd)?;
+        let mut cmd = client.command(bin);
+        cmd.args(["client", "--tls-ca", &format!("{d}/ca.pem")])
+            .args([
+                "--tls-cert",
+                &format!("{d}/client.crt"),
+                "--tls-key",
+                &format!("{d}/client.key"),
+            ])
+            .arg(format!("{}:9443", server.addr))
+            .arg("127.0.0.1:20900:127.0.0.1:8080")
+            .env("TOKIO_WORKER_THREADS", "1");
+        let c = client.spawn("rusnel-client", cmd)?;
+        Ok(Path_ {
+            name: "rusnel",
+            base: "http://127.0.0.1:20900".into(),
+            procs: vec![c, s],
+            note: "rusnel client → server (QUIC, mTLS), TOKIO_WORKER_THREADS=1".into(),
         })
     }
 
@@ -973,7 +1170,7 @@ mod cp {
         let h1 = mesh.host(1).clone();
         let tck = clk_tck();
         let token_file = mesh.dir().join("bench-token");
-        std::fs::write(&token_file, mesh.token(None, "svc")?)?;
+        std::fs::write(&token_file, mesh.token("default", None, "svc")?)?;
         let pid = mesh.cp.pid();
         let rss0 = rss_kib(pid);
         let cpu0 = cpu_secs(pid, tck);

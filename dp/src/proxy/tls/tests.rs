@@ -122,3 +122,59 @@ async fn foreign_and_expired_peers_fail_the_handshake() {
         .unwrap_err();
     assert!(e.to_lowercase().contains("expired"), "{e}");
 }
+
+/// Handshakes like [`handshake`] and says whether the client's handshake resumed a session
+/// (the client waits for the server's first flight, which carries the tickets in TLS 1.3).
+async fn resumed(client: &TlsState, server: &TlsState, service: &str) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
+    let srv = tokio::spawn(async move {
+        let mut s = acceptor.accept(b).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        s.flush().await.unwrap();
+        let mut one = [0u8; 1];
+        let _ = s.read(&mut one).await;
+    });
+    let connector = tokio_rustls::TlsConnector::from(client.client_for(service).unwrap());
+    let name = ServerName::try_from(service.to_owned()).unwrap();
+    let mut c = connector.connect(name, a).await.unwrap();
+    let mut one = [0u8; 1];
+    c.read_exact(&mut one).await.unwrap();
+    let kind = c.get_ref().1.handshake_kind();
+    c.shutdown().await.unwrap();
+    srv.await.unwrap();
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+#[tokio::test]
+async fn sessions_resume_unless_resumption_is_off() {
+    let ca = TestCa::new("mesh CA");
+    let later = now_unix() + 3600;
+    let state = |id: &str, on: bool| {
+        TlsState::new(1, "m", &creds(&ca, &[id], later), &ca.cert_pem)
+            .unwrap()
+            .with_resumption(on)
+    };
+    let (web, backend) = (
+        state("spiffe://m/web", true),
+        state("spiffe://m/backend", true),
+    );
+    assert!(
+        !resumed(&web, &backend, "backend").await,
+        "the first handshake is full"
+    );
+    assert!(
+        resumed(&web, &backend, "backend").await,
+        "the second resumes"
+    );
+    let (web, backend) = (
+        state("spiffe://m/web", false),
+        state("spiffe://m/backend", false),
+    );
+    assert!(!resumed(&web, &backend, "backend").await);
+    assert!(
+        !resumed(&web, &backend, "backend").await,
+        "resumption is off"
+    );
+}
