@@ -419,10 +419,11 @@ mod datapath {
         cps: f64,
         bulk_gbps: f64,
         cpu_us: f64,
+        cpu_conn_us: f64,
         rss_mib: f64,
     }
 
-    const FIGURES: [&str; 7] = ["rps", "p50", "p99", "cps", "bulk", "cpu", "rss"];
+    const FIGURES: [&str; 8] = ["rps", "p50", "p99", "cps", "bulk", "cpu", "cpuc", "rss"];
 
     fn get(r: &Round, f: &str) -> f64 {
         match f {
@@ -432,6 +433,7 @@ mod datapath {
             "cps" => r.cps,
             "bulk" => r.bulk_gbps,
             "cpu" => r.cpu_us,
+            "cpuc" => r.cpu_conn_us,
             _ => r.rss_mib,
         }
     }
@@ -627,8 +629,16 @@ mod datapath {
                 );
             }
             for p in &paths {
+                let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
+                let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
                 let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, secs, true)?;
+                let cpu1: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
                 let r = this.entry(p.name).or_default();
+                r.cpu_conn_us = if pids.is_empty() || w.requests == 0 {
+                    f64::NAN
+                } else {
+                    (cpu1 - cpu0) * 1e6 / w.requests as f64
+                };
                 r.cps = w.rps;
                 r.errors += w.errors;
                 eprintln!("round {round} {}: {:.0} new conns/s", p.name, r.cps);
@@ -690,9 +700,9 @@ mod datapath {
         );
         let _ = writeln!(
             s,
-            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | new conns/s (Connection: close) | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy RSS MiB (both sides) | errors |"
+            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | new conns/s (Connection: close) | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy CPU µs per new conn (both sides) | proxy RSS MiB (both sides) | errors |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for p in paths {
             let mut row = format!("| {} ", p.name);
             for f in FIGURES {
