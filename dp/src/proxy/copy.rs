@@ -12,6 +12,17 @@
 //! half down while the other direction keeps copying; the first error ends both; the result is
 //! (bytes from `a` to `b`, bytes from `b` to `a`). A direction yields after [`BUDGET`] reads
 //! in one poll, so a fast connection cannot starve the tasks sharing its worker.
+//!
+//! What an idle mTLS connection still holds, besides this copy's state, its task and the
+//! sockets (rustls 0.23, tokio-rustls 0.26): rustls' deframer buffer, which rustls shrinks
+//! back to 4 KiB (its read size) whenever it is empty but never frees, and cannot be told to
+//! (no config knob: `max_fragment_size` only bounds the records we send, so at most how far
+//! the peer's buffer grows under load); the record keys, handshake secrets and the peer's
+//! certificate chain (~1–2 KiB). `sendable_tls` and `received_plaintext` are chunk queues whose
+//! chunks are freed once written or read. The two TLS 1.3 tickets the server sends per
+//! handshake (`send_tls13_tickets`) land in session caches bounded at 256 entries per
+//! configuration, so they cost no memory per connection. Dropping the 4 KiB would need
+//! rustls' unbuffered API, with the caller owning the buffers.
 
 use std::cell::RefCell;
 use std::future::Future;
