@@ -7,7 +7,8 @@
 //!   touched by a change: each keeps what it was accepted with.
 //! - TLS configurations are rebuilt when the certificate or trust bundle changes and swapped
 //!   in atomically (`watch<Option<Arc<TlsState>>>`); new handshakes use the new ones.
-//! - Bytes are copied with large buffers in both directions, half-close propagated.
+//! - Bytes are copied both ways, half-close propagated, with no buffer held while a
+//!   connection is idle (`copy`).
 //! - Draining: listeners stop accepting, and the caller waits (bounded) for [`Tracker`] to
 //!   reach zero active connections.
 //!
@@ -36,6 +37,7 @@ use crate::model::{Applied, Inbound, LoadBalancer, MtlsMode, Outbound, Transport
 
 pub mod authz;
 pub mod balance;
+mod copy;
 pub mod pool;
 pub mod quic;
 pub mod tls;
@@ -45,8 +47,6 @@ use balance::{Balancer, Slot};
 use tls::TlsState;
 use transport::{Dialer, Upstream, Via};
 
-/// Copy buffer per direction.
-const BUFFER: usize = 64 * 1024;
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TCP connect to an upstream may take.
@@ -356,7 +356,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUFFER, BUFFER).await
+    copy::copy_bidirectional(&mut down, &mut up).await
 }
 
 /// Connects to a local service (plain TCP on the dataplane's host).

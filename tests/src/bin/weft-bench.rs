@@ -1,9 +1,9 @@
 //! `weft-bench`: the benchmark harness (see BENCHMARKS.md).
 //!
-//! - `weft-bench datapath`: the same HTTP workload (nginx backend, wrk and hey clients) over
-//!   each path between two network-namespace hosts: direct, the weft-dp pair, and HAProxy,
-//!   nginx `stream` and stunnel mTLS pairs, paths alternating within each round; every figure
-//!   is the median of the rounds.
+//! - `weft-bench datapath`: the same HTTP workload (nginx backend; wrk, and this binary's own
+//!   fixed-rate and idle-connection clients) over each path between two network-namespace
+//!   hosts: direct, the weft-dp pair, and HAProxy, nginx `stream` and stunnel mTLS pairs, paths
+//!   alternating within each round; every figure is the median of the rounds.
 //! - `weft-bench cp`: N simulated dataplanes (real token, real CSR, real TLS gRPC stream) against
 //!   a real `weft-cp`: time to register, time for a policy change to be ACKed by all, CP memory
 //!   and CPU.
@@ -43,6 +43,14 @@ enum Cmd {
     /// (internal) the simulated dataplanes, run inside the CP's namespace by `weft-bench cp`.
     #[command(hide = true)]
     CpAgent(AgentArgs),
+    /// (internal) open-loop fixed-rate HTTP/1.1 client, run inside the client host by
+    /// `weft-bench datapath`; prints latency percentiles in µs as JSON.
+    #[command(hide = true)]
+    Load(client::LoadArgs),
+    /// (internal) opens N keep-alive connections, one request on each, and holds them until
+    /// killed; run inside the client host by `weft-bench datapath`.
+    #[command(hide = true)]
+    Hold(client::HoldArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +79,10 @@ struct DatapathArgs {
     /// Comma-separated paths (direct,weft,haproxy,nginx,stunnel). Default: all whose tools are installed.
     #[arg(long)]
     paths: Option<String>,
+    /// Idle keep-alive connections held open for the memory-per-connection figure. Default
+    /// 1000, 50 with --smoke.
+    #[arg(long)]
+    conns: Option<usize>,
 }
 
 #[derive(Args)]
@@ -105,6 +117,8 @@ fn main() -> ExitCode {
         Cmd::Datapath(a) => datapath::run(a),
         Cmd::Cp(a) => cp::run(a),
         Cmd::CpAgent(a) => agent::run(a),
+        Cmd::Load(a) => client::load(a),
+        Cmd::Hold(a) => client::hold(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -421,9 +435,15 @@ mod datapath {
         cpu_us: f64,
         cpu_conn_us: f64,
         rss_mib: f64,
+        /// RSS per held idle connection, KiB: both proxies, client side, server side.
+        conn_kib: f64,
+        conn_kib_client: f64,
+        conn_kib_server: f64,
     }
 
-    const FIGURES: [&str; 8] = ["rps", "p50", "p99", "cps", "bulk", "cpu", "cpuc", "rss"];
+    const FIGURES: [&str; 11] = [
+        "rps", "p50", "p99", "cps", "bulk", "cpu", "cpuc", "rss", "conn", "conn_c", "conn_s",
+    ];
 
     fn get(r: &Round, f: &str) -> f64 {
         match f {
@@ -434,6 +454,9 @@ mod datapath {
             "bulk" => r.bulk_gbps,
             "cpu" => r.cpu_us,
             "cpuc" => r.cpu_conn_us,
+            "conn" => r.conn_kib,
+            "conn_c" => r.conn_kib_client,
+            "conn_s" => r.conn_kib_server,
             _ => r.rss_mib,
         }
     }
@@ -448,7 +471,7 @@ mod datapath {
             .unwrap_or(Duration::from_secs(if smoke { 1 } else { 5 }));
         let secs = dur.as_secs().max(1);
         let wrk = which("wrk").context("wrk is not installed (scripts/install-deps)")?;
-        let hey = which("hey");
+        let conns = a.conns.unwrap_or(if smoke { 50 } else { 1000 }).max(1);
         let nginx = which("nginx").context("nginx (the backend) is not installed")?;
         let stream_mod = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
         let wanted: Vec<String> = a
@@ -548,6 +571,24 @@ mod datapath {
         }
         ensure!(!paths.is_empty(), "no path to measure");
 
+        // Idle RSS, before any traffic: weft-dp once it reports ready (config applied, valid
+        // certificate); the others once started (they load their certificates at start).
+        if paths.iter().any(|p| p.name == "weft") {
+            for (i, name) in [(2, "web"), (3, "backend")] {
+                dp_ready(&mesh, i, name)?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let idle: BTreeMap<&'static str, Vec<f64>> = paths
+            .iter()
+            .map(|p| {
+                (
+                    p.name,
+                    p.procs.iter().map(|q| rss_kib(q.pid()) / 1024.0).collect(),
+                )
+            })
+            .collect();
+
         // Every path serves the 1 KiB object before anything is measured.
         let mut working = Vec::new();
         for p in paths {
@@ -583,10 +624,34 @@ mod datapath {
             let _ = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, 1, false);
         }
 
+        // The memory-per-connection baseline: each proxy's RSS after the warm-up, before the
+        // first idle connections are held. Later rounds compare against it too, as freed
+        // memory mostly stays with the process (allocator and pools) and would hide the cost.
+        let base: BTreeMap<&'static str, Vec<f64>> = paths
+            .iter()
+            .map(|p| (p.name, p.procs.iter().map(|q| rss_kib(q.pid())).collect()))
+            .collect();
+
         let mut results: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
         for round in 0..rounds {
             let mut this: BTreeMap<&'static str, Round> = BTreeMap::new();
             // Figure by figure, the paths alternate: A B C … A B C …
+            for p in &paths {
+                let r = this.entry(p.name).or_default();
+                let (held, rss) = hold_run(&client, &format!("{}/1k", p.base), conns, &p.procs)?;
+                r.errors += (conns - held) as u64;
+                let per = |i: usize| match (rss.get(i), base[p.name].get(i)) {
+                    (Some(after), Some(before)) if held > 0 => (after - before) / held as f64,
+                    _ => f64::NAN,
+                };
+                r.conn_kib_client = per(0);
+                r.conn_kib_server = per(1);
+                r.conn_kib = r.conn_kib_client + r.conn_kib_server;
+                eprintln!(
+                    "round {round} {}: {held} idle conns held, {:.1} KiB each ({:.1} + {:.1})",
+                    p.name, r.conn_kib, r.conn_kib_client, r.conn_kib_server
+                );
+            }
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
                 let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
@@ -612,17 +677,10 @@ mod datapath {
             }
             for p in &paths {
                 let r = this.entry(p.name).or_default();
-                match &hey {
-                    Some(hey) => {
-                        let (p50, p99) = hey_run(&client, hey, &format!("{}/1k", p.base), secs)?;
-                        r.p50_ms = p50;
-                        r.p99_ms = p99;
-                    }
-                    None => {
-                        r.p50_ms = f64::NAN;
-                        r.p99_ms = f64::NAN;
-                    }
-                }
+                let l = load_run(&client, &format!("{}/1k", p.base), secs)?;
+                r.p50_ms = l.p50_ms;
+                r.p99_ms = l.p99_ms;
+                r.errors += l.errors;
                 eprintln!(
                     "round {round} {}: p50 {:.3} ms p99 {:.3} ms @1000 req/s",
                     p.name, r.p50_ms, r.p99_ms
@@ -655,7 +713,14 @@ mod datapath {
             }
         }
 
-        let table = render(&paths, &results, &skipped, rounds, secs, &bins);
+        let table = render(
+            &paths,
+            &results,
+            &idle,
+            &skipped,
+            (rounds, secs, conns),
+            &bins,
+        );
         println!("{table}");
         write_out(&out_file(&a.common, &bins, "datapath"), &table)?;
         drop(paths);
@@ -671,6 +736,7 @@ mod datapath {
         match f {
             "rps" | "cps" => format!("{v:.0}"),
             "p50" | "p99" => format!("{v:.3}"),
+            "conn" | "conn_c" | "conn_s" => format!("{v:.2}"),
             "bulk" => format!("{v:.2}"),
             _ => format!("{v:.1}"),
         }
@@ -679,9 +745,9 @@ mod datapath {
     fn render(
         paths: &[Path_],
         results: &BTreeMap<&'static str, Vec<Round>>,
+        idle: &BTreeMap<&'static str, Vec<f64>>,
         skipped: &[String],
-        rounds: usize,
-        secs: u64,
+        (rounds, secs, conns): (usize, u64, usize),
         bins: &Path,
     ) -> String {
         let med = |path: &str, f: &str| -> f64 {
@@ -700,12 +766,12 @@ mod datapath {
         );
         let _ = writeln!(
             s,
-            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | new conns/s (Connection: close) | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy CPU µs per new conn (both sides) | proxy RSS MiB (both sides) | errors |"
+            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | p99 added vs direct (ms) | new conns/s (Connection: close) | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy CPU µs per new conn (both sides) | proxy RSS MiB (both sides, after the req/s run) | idle RSS MiB (client + server side) | RSS KiB per idle conn ({conns} held; client + server side) | errors |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for p in paths {
             let mut row = format!("| {} ", p.name);
-            for f in FIGURES {
+            let cell = |row: &mut String, f: &str| {
                 let v = med(p.name, f);
                 let w = med("weft", f);
                 let ratio = if p.name != "weft" && v.is_finite() && w.is_finite() && w != 0.0 {
@@ -714,6 +780,28 @@ mod datapath {
                     String::new()
                 };
                 let _ = write!(row, "| {}{ratio} ", fmt_val(f, v));
+            };
+            for f in ["rps", "p50", "p99"] {
+                cell(&mut row, f);
+            }
+            let added = med(p.name, "p99") - med("direct", "p99");
+            let _ = write!(row, "| {} ", fmt_val("p99", added));
+            for f in ["cps", "bulk", "cpu", "cpuc", "rss"] {
+                cell(&mut row, f);
+            }
+            let sides = idle.get(p.name).map_or(&[][..], Vec::as_slice);
+            let idle_cell = if sides.is_empty() {
+                "–".to_owned()
+            } else {
+                let parts: Vec<String> = sides.iter().map(|v| format!("{v:.1}")).collect();
+                format!("{:.1} ({})", sides.iter().sum::<f64>(), parts.join(" + "))
+            };
+            let _ = write!(row, "| {idle_cell} ");
+            cell(&mut row, "conn");
+            let (c, sv) = (med(p.name, "conn_c"), med(p.name, "conn_s"));
+            if c.is_finite() && sv.is_finite() {
+                row.pop();
+                let _ = write!(row, " ({c:.1} + {sv:.1}) ");
             }
             let errors: u64 = results
                 .get(p.name)
@@ -762,6 +850,24 @@ mod datapath {
             "- weft added p99 at 1000 req/s ≤ +0.2 ms: {} ({})",
             added.map_or("–".into(), |v| format!("{v:+.3} ms")),
             check(added.map(|v| v <= 0.2))
+        );
+        let conn = fin(med("weft", "conn"));
+        let worst = fin(med("weft", "conn_c").max(med("weft", "conn_s")));
+        let _ = writeln!(
+            s,
+            "- weft-dp RSS per proxied connection ≤ 16 KB: {} for the pair, {} for the larger side ({})",
+            conn.map_or("–".into(), |v| format!("{v:.1} KiB")),
+            worst.map_or("–".into(), |v| format!("{v:.1} KiB")),
+            check(worst.map(|v| v * 1024.0 <= 16_000.0))
+        );
+        let idle_max = idle
+            .get("weft")
+            .and_then(|v| v.iter().copied().reduce(f64::max));
+        let _ = writeln!(
+            s,
+            "- weft-dp idle RSS ≤ 10 MB: {} for the larger side ({})",
+            idle_max.map_or("–".into(), |v| format!("{v:.1} MiB")),
+            check(idle_max.map(|v| v * 1024.0 * 1024.0 <= 10e6))
         );
         // The multiplexed transports.
         let ratio = |a: &str, b: &str, f: &str| fin(med(a, f) / med(b, f));
@@ -1137,33 +1243,99 @@ mod datapath {
         Ok(w)
     }
 
-    /// hey at a fixed 1000 req/s (10 connections × 100 req/s): (p50, p99) in ms.
-    fn hey_run(client: &Host, hey: &Path, url: &str, secs: u64) -> Result<(f64, f64)> {
+    struct Load {
+        p50_ms: f64,
+        p99_ms: f64,
+        errors: u64,
+    }
+
+    /// `weft-bench load` at a fixed 1000 req/s over 10 keep-alive connections, on the client
+    /// host.
+    fn load_run(client: &Host, url: &str, secs: u64) -> Result<Load> {
+        let exe = std::env::current_exe()?;
         let o = client.run_timeout(
             [
-                hey.display().to_string(),
-                "-z".into(),
-                format!("{secs}s"),
-                "-c".into(),
-                "10".into(),
-                "-q".into(),
-                "100".into(),
+                exe.display().to_string(),
+                "load".into(),
+                "--url".into(),
                 url.into(),
+                "--rate".into(),
+                "1000".into(),
+                "--connections".into(),
+                "10".into(),
+                "--duration".into(),
+                format!("{secs}s"),
             ],
-            Duration::from_secs(secs + 30),
+            Duration::from_secs(secs + 60),
         );
         let text = stdout(&o);
-        ensure!(o.status.success(), "hey {url}: {text}");
-        let pct = |p: &str| -> f64 {
-            text.lines()
-                .find_map(|l| {
-                    let l = l.trim();
-                    let rest = l.strip_prefix(p)?.strip_prefix("% in ")?;
-                    rest.split_whitespace().next()?.parse::<f64>().ok()
-                })
-                .map_or(f64::NAN, |s| s * 1000.0)
-        };
-        Ok((pct("50"), pct("99")))
+        ensure!(
+            o.status.success(),
+            "load {url}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("load {url}: not JSON: {text}"))?;
+        let ms = |k: &str| v[k].as_f64().map_or(f64::NAN, |us| us / 1000.0);
+        Ok(Load {
+            p50_ms: ms("p50_us"),
+            p99_ms: ms("p99_us"),
+            errors: v["errors"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Holds `n` idle keep-alive connections through the path (`weft-bench hold` on the client
+    /// host, one request on each so that every hop is established), reads the proxies' VmRSS
+    /// (KiB, in `procs` order) while they are held, then closes them. Returns (held, RSS).
+    fn hold_run(client: &Host, url: &str, n: usize, procs: &[Proc]) -> Result<(usize, Vec<f64>)> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = client.command(&exe);
+        cmd.arg("hold")
+            .arg("--url")
+            .arg(url)
+            .arg("--connections")
+            .arg(n.to_string());
+        let holder = client.spawn("hold", cmd)?;
+        let line = wait_for("the holder's `held` line", Duration::from_secs(120), || {
+            let log = holder.log();
+            if let Some(l) = log.lines().find_map(|l| l.strip_prefix("held ")) {
+                return Some(serde_json::from_str::<serde_json::Value>(l.trim()).ok());
+            }
+            (!holder.is_running()).then_some(None)
+        })?
+        .with_context(|| format!("hold {url}: {}", holder.log()))?;
+        let held = line["connections"].as_u64().unwrap_or(0) as usize;
+        if held < n {
+            eprintln!("weft-bench: hold {url}: only {held} of {n} connections: {line}");
+        }
+        // Let the server side settle (its half of each connection is already established: the
+        // response came through it).
+        std::thread::sleep(Duration::from_millis(300));
+        let rss = procs.iter().map(|q| rss_kib(q.pid())).collect();
+        drop(holder);
+        // Let the proxies close their halves before the next measurement.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok((held, rss))
+    }
+
+    /// Waits until weft-dp `name` on host `i` reports ready on its admin server (asked from
+    /// inside its own host).
+    fn dp_ready(mesh: &Mesh, i: usize, name: &str) -> Result<()> {
+        let file = mesh.dir().join(format!("dp-{name}/state/admin-address"));
+        let host = mesh.host(i);
+        wait_for(
+            &format!("weft-dp {name} to be ready"),
+            Duration::from_secs(60),
+            || {
+                let addr = std::fs::read_to_string(&file).ok()?;
+                let url = format!("http://{}/ready", addr.trim());
+                let o = host.run_timeout(
+                    ["curl", "-sf", "--max-time", "2", &url],
+                    Duration::from_secs(3),
+                );
+                o.status.success().then_some(())
+            },
+        )
     }
 }
 
@@ -1508,5 +1680,228 @@ mod agent {
             }
         }
         bail!("stream ended")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+/// The clients `weft-bench datapath` runs inside the client host: a fixed-rate latency client
+/// with µs resolution (hey reports to 0.1 ms) and a holder of idle keep-alive connections.
+mod client {
+    use super::*;
+    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Args)]
+    pub(super) struct LoadArgs {
+        /// `http://HOST:PORT/PATH` (an IP address, no TLS).
+        #[arg(long)]
+        url: String,
+        /// Requests per second over all connections.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Keep-alive connections (requests go to them in turn).
+        #[arg(long, default_value_t = 10)]
+        connections: usize,
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+    }
+
+    #[derive(Args)]
+    pub(super) struct HoldArgs {
+        /// `http://HOST:PORT/PATH` (an IP address, no TLS).
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        connections: usize,
+    }
+
+    /// (address, request bytes) of a plain `http://IP:PORT/PATH` URL.
+    fn request(url: &str) -> Result<(SocketAddr, Vec<u8>)> {
+        let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let addr: SocketAddr = host.parse().context("the URL's host must be IP:PORT")?;
+        let req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: weft-bench\r\n\r\n");
+        Ok((addr, req.into_bytes()))
+    }
+
+    /// The length of a complete response at the start of `buf` (a 2xx with Content-Length), if
+    /// it is all there; an error for anything else.
+    fn complete(buf: &[u8]) -> Result<Option<usize>> {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(None);
+        };
+        let head = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        ensure!(status.starts_with('2'), "status {status}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .context("no Content-Length")?;
+        let total = end + 4 + len;
+        Ok((buf.len() >= total).then_some(total))
+    }
+
+    /// One request and its whole response on a blocking connection.
+    fn exchange(s: &mut std::net::TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Result<()> {
+        s.write_all(req)?;
+        buf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = s.read(&mut chunk)?;
+            ensure!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+            if complete(buf)?.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Open loop: request k is due at t0 + k/rate, whatever happened to the earlier ones, and
+    /// its latency counts from then (a late response delays the next ones on its connection,
+    /// and that wait is counted: no coordinated omission). One blocking thread per connection
+    /// sleeps with 1 ns timer slack, so wake-ups are µs-accurate.
+    pub(super) fn load(a: LoadArgs) -> Result<()> {
+        let (addr, req) = request(&a.url)?;
+        // Threads inherit the slack of the thread that creates them. Best effort.
+        let _ = std::fs::write("/proc/thread-self/timerslack_ns", "1");
+        let conns = a.connections.max(1);
+        let rate = f64::from(a.rate.max(1));
+        let dur: Duration = a.duration.into();
+        let total = (dur.as_secs_f64() * rate) as u64;
+        let mut streams = Vec::new();
+        for _ in 0..conns {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            streams.push(s);
+        }
+        let t0 = Instant::now() + Duration::from_millis(20);
+        let threads: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut s)| {
+                let req = req.clone();
+                std::thread::spawn(move || {
+                    let (mut lat, mut late, mut errors) = (Vec::new(), Vec::new(), 0u64);
+                    let mut buf = Vec::new();
+                    let mut k = c as u64;
+                    while k < total {
+                        let due = t0 + Duration::from_secs_f64(k as f64 / rate);
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                        late.push(due.elapsed().as_secs_f64() * 1e6);
+                        match exchange(&mut s, &req, &mut buf) {
+                            Ok(()) => lat.push(due.elapsed().as_secs_f64() * 1e6),
+                            Err(_) => {
+                                errors += 1;
+                                if let Ok(n) = std::net::TcpStream::connect_timeout(
+                                    &addr,
+                                    Duration::from_secs(5),
+                                ) {
+                                    let _ = n.set_nodelay(true);
+                                    let _ = n.set_read_timeout(Some(Duration::from_secs(10)));
+                                    s = n;
+                                }
+                            }
+                        }
+                        k += conns as u64;
+                    }
+                    (lat, late, errors)
+                })
+            })
+            .collect();
+        let (mut lat, mut late, mut errors) = (Vec::new(), Vec::new(), 0);
+        for t in threads {
+            let (l, w, e) = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+            lat.extend(l);
+            late.extend(w);
+            errors += e;
+        }
+        lat.sort_by(f64::total_cmp);
+        late.sort_by(f64::total_cmp);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let out = serde_json::json!({
+            "requests": lat.len(),
+            "errors": errors,
+            "rate": lat.len() as f64 / elapsed,
+            "p50_us": percentile(&lat, 50.0),
+            "p90_us": percentile(&lat, 90.0),
+            "p99_us": percentile(&lat, 99.0),
+            "max_us": lat.last().copied().unwrap_or(f64::NAN),
+            "send_late_p99_us": percentile(&late, 99.0),
+        });
+        println!("{out}");
+        Ok(())
+    }
+
+    /// Opens the connections (64 at a time), makes one request on each, prints `held {json}`
+    /// and sleeps until killed.
+    pub(super) fn hold(a: HoldArgs) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (addr, req) = request(&a.url)?;
+            let req = Arc::new(req);
+            let gate = Arc::new(tokio::sync::Semaphore::new(64));
+            let tasks: Vec<_> = (0..a.connections)
+                .map(|_| {
+                    let (req, gate) = (req.clone(), gate.clone());
+                    tokio::spawn(async move {
+                        let _permit = gate.acquire().await?;
+                        let mut s = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            tokio::net::TcpStream::connect(addr),
+                        )
+                        .await??;
+                        s.set_nodelay(true)?;
+                        s.write_all(&req).await?;
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        loop {
+                            let n =
+                                tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                                    .await??;
+                            ensure!(n > 0, "connection closed");
+                            buf.extend_from_slice(&chunk[..n]);
+                            if complete(&buf)?.is_some() {
+                                return anyhow::Ok(s);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut held = Vec::new();
+            let mut errors = 0;
+            let mut first_error = String::new();
+            for t in tasks {
+                match t.await? {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        errors += 1;
+                        if first_error.is_empty() {
+                            first_error = format!("{e:#}");
+                        }
+                    }
+                }
+            }
+            let line = serde_json::json!({
+                "connections": held.len(),
+                "errors": errors,
+                "first_error": first_error,
+            });
+            println!("held {line}");
+            tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+            drop(held);
+            Ok(())
+        })
     }
 }
