@@ -23,7 +23,6 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::v1::discovery_response::close::Code as CloseCode;
-use weft_api::v1::discovery_server::DiscoveryServer;
 use weft_api::v1::identity_server::IdentityServer;
 
 use crate::index::Index;
@@ -338,7 +337,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(IdentityServer::from_arc(server.clone()))
-        .add_service(DiscoveryServer::from_arc(server.clone()));
+        .add_service(stream::DiscoveryService::new(server.clone()));
     // Sessions close themselves on drain; give them a moment to send their Close.
     let stopped = async move {
         stopped(&mut stop_rx).await;
