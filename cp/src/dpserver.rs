@@ -53,6 +53,8 @@ pub struct Settings {
     pub ack_timeout: Duration,
     /// How long the first message (`Hello`) may take.
     pub hello_timeout: Duration,
+    /// Store calls run at once (`[dp_server] store_calls`); more wait for a turn.
+    pub store_calls: usize,
 }
 
 impl Default for Settings {
@@ -60,6 +62,7 @@ impl Default for Settings {
         Settings {
             ack_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(10),
+            store_calls: 16,
         }
     }
 }
@@ -79,6 +82,10 @@ pub struct DpServer {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: Settings,
     pub(crate) signing: Semaphore,
+    /// Bounds the store calls in flight (see [`Settings::store_calls`]). Without it, a burst
+    /// of registrations or ACKs grew tokio's blocking pool to hundreds of threads, each
+    /// waiting for the store's write lock and each keeping memory after the burst.
+    store_calls: Semaphore,
     sessions: Mutex<HashMap<(String, String), SessionHandle>>,
     next_session: AtomicU64,
     draining: watch::Sender<bool>,
@@ -94,6 +101,7 @@ impl DpServer {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Arc<DpServer> {
+        let store_calls = Semaphore::new(settings.store_calls.max(1));
         Arc::new_cyclic(|this| DpServer {
             this: this.clone(),
             store,
@@ -101,6 +109,7 @@ impl DpServer {
             metrics,
             settings,
             signing: Semaphore::new(MAX_SIGNING),
+            store_calls,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             draining: watch::channel(false).0,
@@ -112,6 +121,11 @@ impl DpServer {
         &self,
         f: impl FnOnce(&dyn Store) -> T + Send + 'static,
     ) -> Result<T, tonic::Status> {
+        let _turn = self
+            .store_calls
+            .acquire()
+            .await
+            .map_err(|_| tonic::Status::unavailable("control plane is shutting down"))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
