@@ -226,7 +226,10 @@ pub async fn run(
         store.clone(),
         index.clone(),
         metrics.clone(),
-        dpserver::Settings::default(),
+        dpserver::Settings {
+            store_calls: config.dp_server_store_calls,
+            ..dpserver::Settings::default()
+        },
     );
 
     // Count committed changes; later parts of the CP (the index) subscribe the same way.

@@ -84,6 +84,11 @@ pub struct Config {
     pub dp_server_tls_sans: Vec<String>,
     /// `[dp_server] dataplane_cleanup_after`: remove a dataplane offline for longer than this.
     pub dataplane_cleanup_after: Duration,
+    /// `[dp_server] store_calls`: store calls (registrations, insight records) the dataplane
+    /// server runs at once, each on a thread of the blocking pool. Writes take the store's lock
+    /// and flush in turn, so more at once only wait longer for it, while every extra thread
+    /// keeps its stack and, with glibc, a malloc arena of its own.
+    pub dp_server_store_calls: usize,
     /// `[diagnostics] address`: `/ready` and `/metrics`.
     pub diagnostics_address: SocketAddr,
     /// `[defaults] skip_mesh_creation`.
@@ -103,6 +108,7 @@ impl Default for Config {
             dp_server_tls_dir: PathBuf::from("/var/lib/weft/tls"),
             dp_server_tls_sans: Vec::new(),
             dataplane_cleanup_after: Duration::from_secs(72 * 3600),
+            dp_server_store_calls: 16,
             diagnostics_address: SocketAddr::from(([127, 0, 0, 1], 5680)),
             skip_mesh_creation: false,
         }
@@ -155,6 +161,7 @@ struct RawDpServer {
     tls_dir: Option<PathBuf>,
     tls_sans: Option<Vec<String>>,
     dataplane_cleanup_after: Option<String>,
+    store_calls: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,13 +178,14 @@ struct RawDefaults {
 }
 
 /// The environment variables that override the file, with the key each one overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 8] = [
+pub const ENV_OVERRIDES: [(&str, &str); 9] = [
     ("WEFT_CP_GENERAL_MODE", "general.mode"),
     ("WEFT_CP_STORE_TYPE", "store.type"),
     ("WEFT_CP_STORE_PATH", "store.path"),
     ("WEFT_CP_API_ADDRESS", "api.address"),
     ("WEFT_CP_DP_SERVER_ADDRESS", "dp_server.address"),
     ("WEFT_CP_DP_SERVER_TLS_DIR", "dp_server.tls_dir"),
+    ("WEFT_CP_DP_SERVER_STORE_CALLS", "dp_server.store_calls"),
     ("WEFT_CP_DIAGNOSTICS_ADDRESS", "diagnostics.address"),
     (
         "WEFT_CP_DEFAULTS_SKIP_MESH_CREATION",
@@ -254,6 +262,9 @@ impl Config {
                     message: m,
                 })?;
         }
+        if let Some(n) = raw.dp_server.store_calls {
+            c.dp_server_store_calls = n;
+        }
         if let Some(a) = raw.diagnostics.address {
             c.diagnostics_address = parse_addr("diagnostics.address", &a)?;
         }
@@ -304,6 +315,11 @@ impl Config {
                 }
             }
             "WEFT_CP_STORE_PATH" => self.store_path = PathBuf::from(value),
+            "WEFT_CP_DP_SERVER_STORE_CALLS" => {
+                self.dp_server_store_calls = value
+                    .parse()
+                    .map_err(|_| invalid(format!("expected a number, got {value:?}")))?
+            }
             "WEFT_CP_API_ADDRESS" => self.api_address = parse_addr(name, value)?,
             "WEFT_CP_DP_SERVER_ADDRESS" => self.dp_server_address = parse_addr(name, value)?,
             "WEFT_CP_DP_SERVER_TLS_DIR" => self.dp_server_tls_dir = PathBuf::from(value),
@@ -335,6 +351,12 @@ impl Config {
                      if you accept that anyone who reaches it controls the mesh",
                     self.api_address
                 ),
+            });
+        }
+        if self.dp_server_store_calls == 0 {
+            return Err(Error::Invalid {
+                field: "dp_server.store_calls".into(),
+                message: "must be at least 1".into(),
             });
         }
         if self.store_type == StoreType::Sled && self.store_path.as_os_str().is_empty() {

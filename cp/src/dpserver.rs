@@ -23,7 +23,6 @@ use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::v1::discovery_response::close::Code as CloseCode;
-use weft_api::v1::discovery_server::DiscoveryServer;
 use weft_api::v1::identity_server::IdentityServer;
 
 use crate::index::Index;
@@ -54,6 +53,8 @@ pub struct Settings {
     pub ack_timeout: Duration,
     /// How long the first message (`Hello`) may take.
     pub hello_timeout: Duration,
+    /// Store calls run at once (`[dp_server] store_calls`); more wait for a turn.
+    pub store_calls: usize,
 }
 
 impl Default for Settings {
@@ -61,6 +62,7 @@ impl Default for Settings {
         Settings {
             ack_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(10),
+            store_calls: 16,
         }
     }
 }
@@ -80,6 +82,10 @@ pub struct DpServer {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: Settings,
     pub(crate) signing: Semaphore,
+    /// Bounds the store calls in flight (see [`Settings::store_calls`]). Without it, a burst
+    /// of registrations or ACKs grew tokio's blocking pool to hundreds of threads, each
+    /// waiting for the store's write lock and each keeping memory after the burst.
+    store_calls: Semaphore,
     sessions: Mutex<HashMap<(String, String), SessionHandle>>,
     next_session: AtomicU64,
     draining: watch::Sender<bool>,
@@ -95,6 +101,7 @@ impl DpServer {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Arc<DpServer> {
+        let store_calls = Semaphore::new(settings.store_calls.max(1));
         Arc::new_cyclic(|this| DpServer {
             this: this.clone(),
             store,
@@ -102,6 +109,7 @@ impl DpServer {
             metrics,
             settings,
             signing: Semaphore::new(MAX_SIGNING),
+            store_calls,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             draining: watch::channel(false).0,
@@ -113,6 +121,11 @@ impl DpServer {
         &self,
         f: impl FnOnce(&dyn Store) -> T + Send + 'static,
     ) -> Result<T, tonic::Status> {
+        let _turn = self
+            .store_calls
+            .acquire()
+            .await
+            .map_err(|_| tonic::Status::unavailable("control plane is shutting down"))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
@@ -338,7 +351,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(IdentityServer::from_arc(server.clone()))
-        .add_service(DiscoveryServer::from_arc(server.clone()));
+        .add_service(stream::DiscoveryService::new(server.clone()));
     // Sessions close themselves on drain; give them a moment to send their Close.
     let stopped = async move {
         stopped(&mut stop_rx).await;

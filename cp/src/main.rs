@@ -89,8 +89,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocking threads beyond the dataplane server's store calls.
+const BLOCKING_HEADROOM: usize = 16;
+
 fn run(config: Config) -> anyhow::Result<()> {
+    // Blocking threads: the dataplane server's store calls (bounded by `dp_server.store_calls`)
+    // plus headroom for the API, the index and maintenance, so an API write never queues behind
+    // a burst of dataplane records. tokio's default (512) let bursts leave hundreds of idle
+    // threads behind, each with its stack and malloc arena.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(config.dp_server_store_calls + BLOCKING_HEADROOM)
         .enable_all()
         .build()?;
     rt.block_on(async move {

@@ -8,20 +8,29 @@
 //! - records ACKs, NACKs and status reports in the dataplane's insight;
 //! - closes the stream at once when the registry asks it to (its token revoked, its Dataplane
 //!   or mesh deleted, another stream replaced it, the CP drains: see `DpServer::watch_store`).
+//!
+//! The service is [`DiscoveryService`], not the generated `DiscoveryServer`: the same handler,
+//! with small codec buffers (see [`CODEC_BUFFER`]).
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::codec::{BufferSettings, Codec};
+use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError};
+use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 use weft_api::v1::discovery_request::{self, Hello};
 use weft_api::v1::discovery_response::{self, Close, close::Code as CloseCode};
-use weft_api::v1::{
-    DataplaneConfig, DiscoveryRequest, DiscoveryResponse, discovery_server::Discovery,
-};
+use weft_api::v1::discovery_server::{Discovery, DiscoveryServer};
+use weft_api::v1::{DataplaneConfig, DiscoveryRequest, DiscoveryResponse};
 
 use crate::index::{EndpointInfo, MeshView};
 use crate::insight::{self, Status as Online};
@@ -38,9 +47,106 @@ use super::compile::{compile, version_of};
 /// Messages queued towards one dataplane.
 const OUTBOX: usize = 8;
 
+/// One message queued towards a dataplane, boxed. A channel allocates its slots 32 at a time
+/// whatever its capacity, so queueing `Result<DiscoveryResponse, Status>` by value (a few
+/// hundred bytes) cost every session ~8 KiB for a queue that is nearly always empty; a pair
+/// of pointers costs 16 bytes a slot.
+type Queued = Result<Box<DiscoveryResponse>, Box<Status>>;
+
+/// The response stream of one session: the receiving end of its outbox.
+pub struct Outbox(mpsc::Receiver<Queued>);
+
+impl Stream for Outbox {
+    type Item = Result<DiscoveryResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0
+            .poll_recv(cx)
+            .map(|m| m.map(|r| r.map(|b| *b).map_err(|s| *s)))
+    }
+}
+
+/// Initial size of a stream's encode and decode buffers. tonic's default is 8 KiB each way, and
+/// a stream keeps both for its whole life: 16 KiB per connected dataplane, for ACKs of a few
+/// dozen bytes and configs that are usually far smaller. The buffers grow when a message needs
+/// more, so this bounds nothing.
+const CODEC_BUFFER: usize = 1024;
+/// Encoded responses are handed to HTTP/2 once this many bytes are buffered (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// `weft.v1.Discovery` over [`DpServer`]: `Stream` with [`CODEC_BUFFER`]-sized buffers; any
+/// other path is answered by the generated server (`Unimplemented`).
+#[derive(Clone)]
+pub struct DiscoveryService(Arc<DpServer>);
+
+impl DiscoveryService {
+    /// The service of `server`.
+    pub fn new(server: Arc<DpServer>) -> DiscoveryService {
+        DiscoveryService(server)
+    }
+}
+
+impl NamedService for DiscoveryService {
+    const NAME: &'static str = <DiscoveryServer<DpServer> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for DiscoveryService
+where
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/weft.v1.Discovery/Stream" {
+            return DiscoveryServer::from_arc(self.0.clone()).call(req);
+        }
+        let method = StreamMethod(self.0.clone());
+        Box::pin(async move { Ok(Grpc::new(SmallBuffers).streaming(method, req).await) })
+    }
+}
+
+/// `Discovery.Stream` as tonic's server machinery calls it.
+struct StreamMethod(Arc<DpServer>);
+
+impl StreamingService<DiscoveryRequest> for StreamMethod {
+    type Response = DiscoveryResponse;
+    type ResponseStream = Outbox;
+    type Future = BoxFuture<Response<Outbox>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let server = self.0.clone();
+        Box::pin(async move { Discovery::stream(server.as_ref(), request).await })
+    }
+}
+
+/// The prost codec with [`CODEC_BUFFER`]-sized buffers.
+struct SmallBuffers;
+
+impl Codec for SmallBuffers {
+    type Encode = DiscoveryResponse;
+    type Decode = DiscoveryRequest;
+    type Encoder = ProstEncoder<DiscoveryResponse>;
+    type Decoder = ProstDecoder<DiscoveryRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::new(CODEC_BUFFER, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(BufferSettings::new(CODEC_BUFFER, YIELD_THRESHOLD))
+    }
+}
+
 #[tonic::async_trait]
 impl Discovery for DpServer {
-    type StreamStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type StreamStream = Outbox;
 
     async fn stream(
         &self,
@@ -113,7 +219,7 @@ impl Discovery for DpServer {
         };
         self.metrics.dp_streams.inc();
         tokio::spawn(session.run(inbound, close_rx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Outbox(rx)))
     }
 }
 
@@ -277,7 +383,7 @@ struct Session {
     name: String,
     id: u64,
     dataplane: Arc<Resource>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Queued>,
     ack: AckState,
     inputs: Option<Inputs>,
 }
@@ -345,18 +451,18 @@ impl Session {
                     .inc();
                 let _ = self
                     .tx
-                    .send(Ok(DiscoveryResponse {
+                    .send(Ok(Box::new(DiscoveryResponse {
                         version: String::new(),
                         kind: Some(discovery_response::Kind::Close(Close {
                             reason,
                             code: code.into(),
                         })),
-                    }))
+                    })))
                     .await;
             }
             End::Error(s) => {
                 tracing::warn!(%mesh, dataplane = %name, error = %s.message(), "ending the dataplane's stream");
-                let _ = self.tx.send(Err(s)).await;
+                let _ = self.tx.send(Err(Box::new(s))).await;
             }
             End::Gone => tracing::info!(%mesh, dataplane = %name, "dataplane disconnected"),
         }
@@ -389,13 +495,13 @@ impl Session {
             .get_or_create(&BodyLabels { kind: kind.into() })
             .inc();
         let version = o.version.clone();
-        let msg = DiscoveryResponse {
+        let msg = Box::new(DiscoveryResponse {
             version: o.version,
             kind: Some(match o.body {
                 Body::Full(c) => discovery_response::Kind::Config(DataplaneConfig::clone(&c)),
                 Body::Delta(d) => discovery_response::Kind::Delta(*d),
             }),
-        };
+        });
         if self.tx.send(Ok(msg)).await.is_err() {
             return Err(End::Gone);
         }

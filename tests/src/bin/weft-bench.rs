@@ -95,6 +95,10 @@ struct CpArgs {
     /// OS threads of the simulated dataplanes' runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Rounds, each with a fresh CP (each figure is the median over them). Default 3, 1 with
+    /// --smoke.
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 #[derive(Args)]
@@ -1343,12 +1347,65 @@ mod datapath {
 mod cp {
     use super::*;
 
+    /// One round's figures.
+    struct Round {
+        reg_total_s: f64,
+        reg_p50_ms: f64,
+        reg_p99_ms: f64,
+        reg_max_ms: f64,
+        retries: f64,
+        upd_p50_ms: f64,
+        upd_p99_ms: f64,
+        upd_max_ms: f64,
+        missing: usize,
+        rss0_kib: f64,
+        rss1_kib: f64,
+        rss2_kib: f64,
+        cpu_reg_s: f64,
+        cpu_upd_s: f64,
+    }
+
+    impl Round {
+        fn per_dp_kib(&self, n: usize) -> f64 {
+            (self.rss1_kib - self.rss0_kib) / n as f64
+        }
+    }
+
     pub(super) fn run(a: CpArgs) -> Result<()> {
         let bins = bin_dir(&a.common)?;
         let n = a
             .dataplanes
             .unwrap_or(if a.common.smoke { 20 } else { 1000 });
-        let mesh = Mesh::new(1, &bins)?;
+        let rounds = a
+            .rounds
+            .unwrap_or(if a.common.smoke { 1 } else { 3 })
+            .max(1);
+        let mut results = Vec::with_capacity(rounds);
+        for r in 0..rounds {
+            let round = one_round(&bins, n, a.threads)?;
+            eprintln!(
+                "weft-bench cp: round {}/{rounds}: registered in {:.2} s, change ACKed p99 {:.0} ms, {:.1} KiB per dataplane",
+                r + 1,
+                round.reg_total_s,
+                round.upd_p99_ms,
+                round.per_dp_kib(n)
+            );
+            results.push(round);
+        }
+        let missing: usize = results.iter().map(|r| r.missing).sum();
+        let s = render(&results, n, a.threads, &bins);
+        println!("{s}");
+        write_out(&out_file(&a.common, &bins, "cp"), &s)?;
+        ensure!(
+            missing == 0,
+            "{missing} dataplanes did not ACK the change (over all rounds)"
+        );
+        Ok(())
+    }
+
+    /// The whole scenario against a fresh CP: register `n` dataplanes, change a policy.
+    fn one_round(bins: &Path, n: usize, threads: usize) -> Result<Round> {
+        let mesh = Mesh::new(1, bins)?;
         let h1 = mesh.host(1).clone();
         let tck = clk_tck();
         let token_file = mesh.dir().join("bench-token");
@@ -1369,7 +1426,7 @@ mod cp {
             .arg("--dataplanes")
             .arg(n.to_string())
             .arg("--threads")
-            .arg(a.threads.to_string());
+            .arg(threads.to_string());
         let agent = h1.spawn("cp-agent", cmd)?;
         let line = |prefix: &str, within: Duration| -> Result<serde_json::Value> {
             wait_for(&format!("the agent's `{prefix}` line"), within, || {
@@ -1410,15 +1467,39 @@ mod cp {
         lat.sort_by(f64::total_cmp);
         let missing = n.saturating_sub(lat.len());
         let _ = agent.term(Duration::from_secs(5));
+        drop(agent);
+        drop(mesh);
 
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        Ok(Round {
+            reg_total_s: f(&reg["total_s"]),
+            reg_p50_ms: f(&reg["p50_ms"]),
+            reg_p99_ms: f(&reg["p99_ms"]),
+            reg_max_ms: f(&reg["max_ms"]),
+            retries: f(&reg["retries"]),
+            upd_p50_ms: percentile(&lat, 50.0),
+            upd_p99_ms: percentile(&lat, 99.0),
+            upd_max_ms: lat.last().copied().unwrap_or(f64::NAN),
+            missing,
+            rss0_kib: rss0,
+            rss1_kib: rss1,
+            rss2_kib: rss2,
+            cpu_reg_s: cpu1 - cpu0,
+            cpu_upd_s: cpu2 - c_before,
+        })
+    }
+
+    fn render(results: &[Round], n: usize, threads: usize, bins: &Path) -> String {
+        let rounds = results.len();
+        let med = |g: &dyn Fn(&Round) -> f64| {
+            median(&results.iter().map(g).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+        };
         let mut s = String::new();
         let _ = writeln!(s, "## weft-bench cp\n");
         let _ = writeln!(
             s,
-            "{}; {n} simulated dataplanes on a {}-thread tokio runtime in the CP's namespace; binaries from `{}`.\n",
+            "{}; {n} simulated dataplanes on a {threads}-thread tokio runtime in the CP's namespace; {rounds} round(s), a fresh CP each, every figure the median over them; binaries from `{}`.\n",
             machine_line(),
-            a.threads,
             bins.display()
         );
         let _ = writeln!(s, "| figure | value |");
@@ -1426,58 +1507,76 @@ mod cp {
         let _ = writeln!(
             s,
             "| all {n} registered (Certify + stream + first ACK) | {:.2} s |",
-            f(&reg["total_s"])
+            med(&|r| r.reg_total_s)
         );
         let _ = writeln!(
             s,
             "| one dataplane's registration p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
-            f(&reg["p50_ms"]),
-            f(&reg["p99_ms"]),
-            f(&reg["max_ms"])
+            med(&|r| r.reg_p50_ms),
+            med(&|r| r.reg_p99_ms),
+            med(&|r| r.reg_max_ms)
         );
         let _ = writeln!(
             s,
-            "| registration attempts that failed and were retried | {} |",
-            reg["retries"]
+            "| registration attempts that failed and were retried | {:.0} |",
+            med(&|r| r.retries)
         );
         let _ = writeln!(
             s,
             "| policy change → ACKed by all: p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
-            percentile(&lat, 50.0),
-            percentile(&lat, 99.0),
-            lat.last().copied().unwrap_or(f64::NAN)
+            med(&|r| r.upd_p50_ms),
+            med(&|r| r.upd_p99_ms),
+            med(&|r| r.upd_max_ms)
         );
-        let _ = writeln!(s, "| dataplanes that did not ACK the change | {missing} |");
+        let _ = writeln!(
+            s,
+            "| dataplanes that did not ACK the change | {:.0} |",
+            med(&|r| r.missing as f64)
+        );
         let _ = writeln!(
             s,
             "| CP RSS idle → with {n} connected → after the change | {:.1} → {:.1} → {:.1} MiB |",
-            rss0 / 1024.0,
-            rss1 / 1024.0,
-            rss2 / 1024.0
+            med(&|r| r.rss0_kib) / 1024.0,
+            med(&|r| r.rss1_kib) / 1024.0,
+            med(&|r| r.rss2_kib) / 1024.0
         );
         let _ = writeln!(
             s,
             "| CP RSS per connected dataplane | {:.1} KiB |",
-            (rss1 - rss0) / n as f64
+            med(&|r| r.per_dp_kib(n))
         );
         let _ = writeln!(
             s,
             "| CP CPU for registering all | {:.2} s ({:.2} ms per dataplane) |",
-            cpu1 - cpu0,
-            (cpu1 - cpu0) * 1000.0 / n as f64
+            med(&|r| r.cpu_reg_s),
+            med(&|r| r.cpu_reg_s) * 1000.0 / n as f64
         );
         let _ = writeln!(
             s,
             "| CP CPU for the policy change (apply until all ACKed) | {:.3} s ({:.3} ms per dataplane) |",
-            cpu2 - c_before,
-            (cpu2 - c_before) * 1000.0 / n as f64
+            med(&|r| r.cpu_upd_s),
+            med(&|r| r.cpu_upd_s) * 1000.0 / n as f64
         );
-        println!("{s}");
-        write_out(&out_file(&a.common, &bins, "cp"), &s)?;
-        ensure!(missing == 0, "{missing} dataplanes did not ACK the change");
-        drop(agent);
-        drop(mesh);
-        Ok(())
+        let _ = writeln!(s, "\n### Rounds\n");
+        let _ = writeln!(
+            s,
+            "| round | all registered | change ACKed p50 / p99 / max | RSS per dataplane | not ACKed |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for (i, r) in results.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} s | {:.0} / {:.0} / {:.0} ms | {:.1} KiB | {} |",
+                i + 1,
+                r.reg_total_s,
+                r.upd_p50_ms,
+                r.upd_p99_ms,
+                r.upd_max_ms,
+                r.per_dp_kib(n),
+                r.missing
+            );
+        }
+        s
     }
 }
 
