@@ -377,6 +377,27 @@ async fn connect_local(addr: SocketAddr, m: &ListenerMetrics) -> io::Result<TcpS
     r
 }
 
+/// Decides whether a client proving `services` may use inbound `ib` (the same on every
+/// transport): counts and logs a denial with the deciding policy, logs a shadow deny.
+fn authorize(ib: &Inbound, services: &[String], peer: SocketAddr, m: &ListenerMetrics) -> bool {
+    let verdict = authz::decide(&ib.rules, services);
+    if !verdict.allow {
+        m.denied.inc();
+        warn!(
+            %peer,
+            port = ib.port,
+            client = ?services,
+            policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
+            "denied"
+        );
+        return false;
+    }
+    if verdict.action == Some(crate::model::Action::AllowWithShadowDeny) {
+        info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
+    }
+    true
+}
+
 /// An inbound's settings, as of the last config.
 #[derive(Debug, PartialEq)]
 pub(crate) struct InboundState {
@@ -478,20 +499,8 @@ impl InboundListener {
             )
             .await;
         }
-        let verdict = authz::decide(&ib.rules, &services);
-        if !verdict.allow {
-            self.metrics.denied.inc();
-            warn!(
-                %peer,
-                port = ib.port,
-                client = ?services,
-                policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
-                "denied"
-            );
+        if !authorize(ib, &services, peer, &self.metrics) {
             return Ok(());
-        }
-        if verdict.action == Some(crate::model::Action::AllowWithShadowDeny) {
-            info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
         }
         let up = connect_local(target, &self.metrics).await?;
         self.copy(stream, up).await

@@ -437,8 +437,11 @@ fn quic_get(
             ca.display().to_string(),
             "--path".into(),
             "/probe".into(),
+            "--timeout".into(),
+            "15s".into(),
         ],
-        Duration::from_secs(10),
+        // Generous: a loaded 2-core machine can starve a debug build's handshake for seconds.
+        Duration::from_secs(30),
     );
     eprintln!(
         "quic-get: {}{}",

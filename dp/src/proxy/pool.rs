@@ -26,14 +26,13 @@ use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OnceCell, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::quic::Refusal;
 use super::tls::TlsState;
 use super::transport::{BoxStream, Upstream, tcp_tls};
-use super::{InboundState, authz, connect_local, splice};
+use super::{InboundState, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
-use crate::model::Action;
 
 /// ALPN of the pooled transport.
 pub const ALPN: &[u8] = b"weft-pool/1";
@@ -350,21 +349,9 @@ async fn stream(
         let _ = answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
         return;
     }
-    let verdict = authz::decide(&ib.rules, services);
-    if !verdict.allow {
-        metrics.denied.inc();
-        warn!(
-            %peer,
-            port = ib.port,
-            client = ?services,
-            policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
-            "denied"
-        );
+    if !authorize(ib, services, peer, metrics) {
         let _ = answer(&mut respond, StatusCode::FORBIDDEN);
         return;
-    }
-    if verdict.action == Some(Action::AllowWithShadowDeny) {
-        info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
     }
     let target = SocketAddr::new(ib.service_address, ib.service_port);
     let Ok(mut up) = connect_local(target, metrics).await else {

@@ -32,9 +32,9 @@ use tracing::{debug, info, warn};
 
 use super::tls::{self, TlsState};
 use super::transport::{BoxStream, Upstream};
-use super::{InboundState, Tracker, authz, connect_local, splice};
+use super::{InboundState, Tracker, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
-use crate::model::{Action, Transport};
+use crate::model::Transport;
 
 /// ALPN of weft's tunnel protocol.
 pub const ALPN: &[u8] = b"weft-tunnel/1";
@@ -597,20 +597,8 @@ impl QuicInbound {
             warn!(%peer, port = ib.port, asked_port = port, asked = %service, "QUIC stream for another inbound");
             return reset(&mut s, code::BAD_HEADER);
         }
-        let verdict = authz::decide(&ib.rules, services);
-        if !verdict.allow {
-            self.metrics.denied.inc();
-            warn!(
-                %peer,
-                port = ib.port,
-                client = ?services,
-                policy = verdict.policy.as_deref().unwrap_or("none matched (default deny)"),
-                "denied"
-            );
+        if !authorize(ib, services, peer, &self.metrics) {
             return reset(&mut s, code::DENIED);
-        }
-        if verdict.action == Some(Action::AllowWithShadowDeny) {
-            info!(%peer, client = ?services, policy = ?verdict.policy, "allowed (shadow deny)");
         }
         let target = SocketAddr::new(ib.service_address, ib.service_port);
         let Ok(up) = connect_local(target, &self.metrics).await else {

@@ -577,9 +577,12 @@ mod datapath {
 
         // Idle RSS, before any traffic: weft-dp once it reports ready (config applied, valid
         // certificate); the others once started (they load their certificates at start).
-        if paths.iter().any(|p| p.name == "weft") {
+        for v in WEFT
+            .iter()
+            .filter(|v| paths.iter().any(|p| p.name == v.path))
+        {
             for (i, name) in [(2, "web"), (3, "backend")] {
-                dp_ready(&mesh, i, name)?;
+                dp_ready(&mesh, i, v.mesh, name)?;
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -1324,8 +1327,10 @@ mod datapath {
 
     /// Waits until weft-dp `name` on host `i` reports ready on its admin server (asked from
     /// inside its own host).
-    fn dp_ready(mesh: &Mesh, i: usize, name: &str) -> Result<()> {
-        let file = mesh.dir().join(format!("dp-{name}/state/admin-address"));
+    fn dp_ready(mesh: &Mesh, i: usize, mesh_name: &str, name: &str) -> Result<()> {
+        let file = mesh
+            .dir()
+            .join(format!("dp-{mesh_name}-{name}/state/admin-address"));
         let host = mesh.host(i);
         wait_for(
             &format!("weft-dp {name} to be ready"),

@@ -531,15 +531,19 @@ async fn quic_get(
     };
     let tls = TlsState::new(1, mesh, &creds, &files.ca)?;
     let client = QuicClient::default();
+    eprintln!("quic-get: connecting to {to}");
     let mut s = client
-        .open(to, service, &tls, Duration::from_secs(3))
+        .open(to, service, &tls, Duration::from_secs(10))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("quic-get: stream accepted");
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .await?;
-    s.shutdown().await?;
+    // HTTP/1.0: the server closes after the response. No half-close before it: hyper (the
+    // http-echo server) drops a response when it reads EOF first.
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
+    s.shutdown().await?;
     std::io::stdout().write_all(&out)?;
     Ok(())
 }
