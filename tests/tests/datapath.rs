@@ -998,3 +998,78 @@ fn j_auto_falls_back_to_pooled_tls_when_udp_is_blocked_and_returns_to_quic() -> 
     assert_eq!(v["failed"], 0, "{v}");
     Ok(())
 }
+
+/// A reset on one side reaches the other as a reset, not as a clean end: backend's app resets
+/// (RST) the connection web's client made through the mesh, and that client must see a reset.
+fn a_reset_upstream_resets_the_client(t: T) -> Result<()> {
+    let mesh = MeshBed::new(3)?;
+    mesh.apply("mesh", &t.mesh(MESH_CA1))?;
+    mesh.apply("allow-all", ALLOW_ALL)?;
+    let _app = mesh.testapp(3, "tcp-reset", &["tcp-reset", "--listen", "127.0.0.1:7070"])?;
+    let _rst = mesh.start_dp(
+        3,
+        "default",
+        "rst",
+        "rst",
+        "type: Dataplane\nmesh: default\nname: rst\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: rst\n      kuma.io/protocol: tcp\n",
+    )?;
+    let web = mesh.start_dp(
+        2,
+        "default",
+        "web",
+        "web",
+        "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: rst\n",
+    )?;
+    let send = || {
+        mesh.host(2).run_timeout(
+            [
+                weft_e2e::bin("weft-testapp").display().to_string(),
+                "tcp-send".into(),
+                "--to".into(),
+                "127.0.0.1:20003".into(),
+                "--data".into(),
+                "hello".into(),
+                "--timeout".into(),
+                "3s".into(),
+            ],
+            Duration::from_secs(10),
+        )
+    };
+    // Until web has the endpoint and the app is reached, the client sees other failures; the
+    // outcome that matters is the one after the app has read our bytes.
+    let out = wait_for(
+        "the app's reset to reach the client",
+        Duration::from_secs(20),
+        || {
+            let o = send();
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            (err.contains("reset")
+                || (o.status.success()
+                    && web.metric("weft_dp_bytes_to_upstream_total", &["outbound"]) > 0.0))
+                .then_some(o)
+        },
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("reset"),
+        "{t:?}: the client saw a clean end instead of a reset: status {}, stdout {:?}, stderr {err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
+#[test]
+fn k_a_reset_upstream_resets_the_client_over_tls() -> Result<()> {
+    a_reset_upstream_resets_the_client(T::Tls)
+}
+
+#[test]
+fn k_pooled_a_reset_upstream_resets_the_client() -> Result<()> {
+    a_reset_upstream_resets_the_client(T::Pooled)
+}
+
+#[test]
+fn k_quic_a_reset_upstream_resets_the_client() -> Result<()> {
+    a_reset_upstream_resets_the_client(T::Quic)
+}

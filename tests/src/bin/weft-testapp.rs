@@ -11,6 +11,8 @@
 //!   after N ms (requests in flight for a while, for drain checks).
 //! - `tcp-echo --listen ADDR`: echoes bytes until the peer's EOF, then shuts down its own write
 //!   side (a half-close is passed on, not turned into a reset).
+//! - `tcp-reset --listen ADDR`: reads from each connection until some bytes arrived, then
+//!   resets it (RST, not FIN).
 //! - `tcp-send --to ADDR --data STR [--timeout 5s]`: connects, writes STR, shuts down its write
 //!   side, reads until EOF and prints exactly what it read (no newline added). Exits 1 on an
 //!   error or when the timeout passes before EOF.
@@ -68,6 +70,12 @@ enum Cmd {
     },
     /// TCP echo that passes a half-close on.
     TcpEcho {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Resets every connection once it has received some bytes.
+    TcpReset {
         /// Address to listen on.
         #[arg(long)]
         listen: SocketAddr,
@@ -164,6 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::HttpEcho { listen, name } => http_echo(listen, name).await,
             Cmd::TcpEcho { listen } => tcp_echo(listen).await,
+            Cmd::TcpReset { listen } => tcp_reset(listen).await,
             Cmd::TcpSend { to, data, timeout } => tcp_send(&to, &data, timeout).await,
             Cmd::TcpChat {
                 to,
@@ -312,6 +321,26 @@ async fn tcp_echo(listen: SocketAddr) -> anyhow::Result<()> {
             if let Err(e) = res {
                 eprintln!("echo for {peer}: {e}");
             }
+        });
+    }
+}
+
+async fn tcp_reset(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            // Linger 0: close sends a RST.
+            let _ = stream.set_zero_linger();
+            drop(stream);
         });
     }
 }
