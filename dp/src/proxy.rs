@@ -40,6 +40,7 @@ pub mod balance;
 mod copy;
 pub mod pool;
 pub mod quic;
+mod shared;
 pub mod tls;
 pub mod transport;
 

@@ -13,11 +13,10 @@
 //!   resets the TCP connection.
 //! - Draining sends GOAWAY: streams in flight finish, new ones go elsewhere.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,10 +24,11 @@ use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::quic::Refusal;
+use super::shared::Shared;
 use super::tls::TlsState;
 use super::transport::{BoxStream, Upstream, tcp_tls};
 use super::{InboundState, authorize, connect_local, splice};
@@ -164,7 +164,7 @@ type Sender = h2::client::SendRequest<Bytes>;
 /// Opens streams to other dataplanes over pooled HTTP/2-over-mTLS connections.
 #[derive(Default)]
 pub struct PoolClient {
-    pool: Mutex<HashMap<Key, Arc<OnceCell<Sender>>>>,
+    pool: Shared<Key, Sender>,
 }
 
 impl PoolClient {
@@ -224,11 +224,7 @@ impl PoolClient {
         let mut last = None;
         // A pooled connection may have gone away (GOAWAY, peer restart): one fresh retry.
         for _ in 0..2 {
-            let cell = {
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-                pool.retain(|k, _| k.2 == tls.generation);
-                pool.entry(key.clone()).or_default().clone()
-            };
+            let cell = self.pool.slot(&key, |k, _| k.2 == tls.generation);
             let sender = cell
                 .get_or_try_init(|| {
                     Self::connect(address, service, tls, connect_timeout, handshake_timeout)
@@ -261,10 +257,7 @@ impl PoolClient {
                     ))
                 }
             }
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                pool.remove(&key);
-            }
+            self.pool.forget(&key, &cell);
         }
         Err(Upstream::Connect(last.unwrap_or_else(|| {
             io::Error::other("pooled connection failed")

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, watch};
 use tracing::{debug, info, warn};
 
+use super::shared::Shared;
 use super::tls::{self, TlsState};
 use super::transport::{BoxStream, Upstream};
 use super::{InboundState, Tracker, authorize, connect_local, splice};
@@ -81,10 +82,6 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-fn varint(c: u32) -> VarInt {
-    VarInt::from_u32(c)
-}
-
 /// Encodes a stream header.
 pub(crate) fn header(port: u16, service: &str) -> Option<Vec<u8>> {
     let len = u8::try_from(service.len()).ok()?;
@@ -119,8 +116,8 @@ type Duplex = tokio::io::Join<RecvStream, SendStream>;
 
 /// Resets both halves of a stream with `c` (no-op on halves already closed).
 fn reset(s: &mut Duplex, c: u32) {
-    let _ = s.writer_mut().reset(varint(c));
-    let _ = s.reader_mut().stop(varint(c));
+    let _ = s.writer_mut().reset(VarInt::from_u32(c));
+    let _ = s.reader_mut().stop(VarInt::from_u32(c));
 }
 
 /// Copies between a stream and a TCP connection, mapping resets both ways.
@@ -146,7 +143,7 @@ type Key = (SocketAddr, String, u64);
 pub struct QuicClient {
     v4: OnceCell<quinn::Endpoint>,
     v6: OnceCell<quinn::Endpoint>,
-    pool: Mutex<HashMap<Key, Arc<OnceCell<Connection>>>>,
+    pool: Shared<Key, Connection>,
     /// Peers whose QUIC handshake timed out, until when to leave them alone.
     unreachable: Mutex<HashMap<SocketAddr, Instant>>,
 }
@@ -186,7 +183,9 @@ impl QuicClient {
         }
     }
 
-    fn mark_unreachable(&self, peer: SocketAddr, for_: Duration) -> bool {
+    /// Records that `peer` did not answer a handshake: it is [`unreachable`](Self::unreachable)
+    /// for `for_`. Returns whether this is news (to log once).
+    pub fn timed_out(&self, peer: SocketAddr, for_: Duration) -> bool {
         let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(peer, Instant::now() + for_).is_none()
     }
@@ -205,8 +204,8 @@ impl QuicClient {
     /// Drops `conn` from the pool: new streams go over a new connection (the old one lives
     /// while it has streams, or until its idle timeout).
     fn evict(&self, conn: &Connection) {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.retain(|_, c| c.get().is_none_or(|c| c.stable_id() != conn.stable_id()));
+        self.pool
+            .forget_where(|c| c.stable_id() == conn.stable_id());
     }
 
     /// A pooled connection to `peer` for `service`, connecting if there is none (concurrent
@@ -220,15 +219,11 @@ impl QuicClient {
     ) -> Result<Connection, QuicError> {
         let key: Key = (peer, service.to_owned(), tls.generation);
         for _ in 0..2 {
-            let cell = {
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-                // Connections of older TLS generations take no new streams; they close when
-                // their last stream ends.
-                pool.retain(|k, c| {
-                    k.2 == tls.generation && c.get().is_none_or(|c| c.close_reason().is_none())
-                });
-                pool.entry(key.clone()).or_default().clone()
-            };
+            // Connections of older TLS generations take no new streams; they close when
+            // their last stream ends.
+            let cell = self.pool.slot(&key, |k, c| {
+                k.2 == tls.generation && c.close_reason().is_none()
+            });
             let conn = cell
                 .get_or_try_init(|| self.handshake(peer, service, tls, timeout))
                 .await?
@@ -236,10 +231,7 @@ impl QuicClient {
             if conn.close_reason().is_none() {
                 return Ok(conn);
             }
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                pool.remove(&key);
-            }
+            self.pool.forget(&key, &cell);
         }
         Err(QuicError::Upstream(Upstream::Connect(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -330,11 +322,6 @@ impl QuicClient {
             finished: false,
         }) as BoxStream)
     }
-
-    /// Handles a handshake timeout: returns whether this is news (to log once).
-    pub fn timed_out(&self, peer: SocketAddr, for_: Duration) -> bool {
-        self.mark_unreachable(peer, for_)
-    }
 }
 
 /// Why a server refused a stream.
@@ -383,7 +370,7 @@ impl Drop for QuicStream {
         if !self.finished {
             // Dropped before a clean shutdown of our half (the TCP side failed): reset, so
             // the far end does not mistake it for a complete response.
-            let _ = self.inner.writer_mut().reset(varint(code::RESET));
+            let _ = self.inner.writer_mut().reset(VarInt::from_u32(code::RESET));
         }
     }
 }
@@ -565,15 +552,15 @@ impl QuicInbound {
             tokio::select! {
                 s = conn.accept_bi() => match s {
                     Ok((mut send, mut recv)) => {
-                        let _ = send.reset(varint(code::DRAINING));
-                        let _ = recv.stop(varint(code::DRAINING));
+                        let _ = send.reset(VarInt::from_u32(code::DRAINING));
+                        let _ = recv.stop(VarInt::from_u32(code::DRAINING));
                     }
                     Err(_) => return,
                 },
                 () = streams.idle() => break,
             }
         }
-        conn.close(varint(code::DRAINING), b"draining");
+        conn.close(VarInt::from_u32(code::DRAINING), b"draining");
     }
 
     async fn stream(&self, peer: SocketAddr, services: &[String], mut s: Duplex) {

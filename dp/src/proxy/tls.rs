@@ -192,50 +192,49 @@ impl TlsState {
 
     /// The client configuration for pooled connections to `service` (ALPN `weft-pool/1`).
     pub fn pooled_client_for(&self, service: &str) -> Result<Arc<ClientConfig>> {
-        // The lock guards a map lookup or insert only.
-        let mut map = self
-            .pooled_clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(service) {
-            return Ok(c.clone());
-        }
-        let mut config = self.client_config(service, false)?;
-        config.alpn_protocols = vec![super::pool::ALPN.to_vec()];
-        let config = Arc::new(config);
-        map.insert(service.to_owned(), config.clone());
-        Ok(config)
+        cached(&self.pooled_clients, service, || {
+            let mut config = self.client_config(service, false)?;
+            config.alpn_protocols = vec![super::pool::ALPN.to_vec()];
+            Ok(Arc::new(config))
+        })
     }
 
     /// The QUIC client configuration for connections to `service` (cached per service).
     pub fn quic_client_for(&self, service: &str) -> Result<quinn::ClientConfig> {
-        // The lock guards a map lookup or insert only.
-        let mut map = self.quic_clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(service) {
-            return Ok(c.clone());
-        }
-        let mut tls = self.client_config(service, true)?;
-        tls.alpn_protocols = vec![super::quic::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
-            .map_err(|e| Error::Quic(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(super::quic::transport_config());
-        map.insert(service.to_owned(), config.clone());
-        Ok(config)
+        cached(&self.quic_clients, service, || {
+            let mut tls = self.client_config(service, true)?;
+            tls.alpn_protocols = vec![super::quic::ALPN.to_vec()];
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+                .map_err(|e| Error::Quic(e.to_string()))?;
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            config.transport_config(super::quic::transport_config());
+            Ok(config)
+        })
     }
 
     /// The client configuration for connections to `service` (cached per service, so TLS
     /// session resumption works across connections).
     pub fn client_for(&self, service: &str) -> Result<Arc<ClientConfig>> {
-        // The lock guards a map lookup or insert only.
-        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(service) {
-            return Ok(c.clone());
-        }
-        let config = Arc::new(self.client_config(service, false)?);
-        map.insert(service.to_owned(), config.clone());
-        Ok(config)
+        cached(&self.clients, service, || {
+            Ok(Arc::new(self.client_config(service, false)?))
+        })
     }
+}
+
+/// The configuration cached under `service` in `map`, built by `build` the first time.
+fn cached<T: Clone>(
+    map: &Mutex<HashMap<String, T>>,
+    service: &str,
+    build: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    // The lock guards a map lookup or insert only (building takes microseconds, no I/O).
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = map.get(service) {
+        return Ok(c.clone());
+    }
+    let config = build()?;
+    map.insert(service.to_owned(), config.clone());
+    Ok(config)
 }
 
 /// The URI SANs of a DER certificate.

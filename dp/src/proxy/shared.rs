@@ -1,0 +1,52 @@
+//! A pool of connections to peers, keyed by (peer, service, TLS generation): concurrent callers
+//! share one handshake (a `OnceCell` per key), entries of older TLS generations and entries the
+//! caller says are dead are dropped when the next connection is looked up. What is pooled (a
+//! QUIC connection, an HTTP/2 sender) is the caller's.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OnceCell;
+
+/// One entry: filled by the first caller's handshake.
+pub(crate) type Slot<T> = Arc<OnceCell<T>>;
+
+/// Connections by key.
+pub(crate) struct Shared<K, T> {
+    map: Mutex<HashMap<K, Slot<T>>>,
+}
+
+impl<K, T> Default for Shared<K, T> {
+    fn default() -> Self {
+        Shared {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, T> Shared<K, T> {
+    /// The slot for `key`, after dropping every entry `keep` refuses (older generations, dead
+    /// connections; an empty slot is always kept: its handshake may be running).
+    pub(crate) fn slot(&self, key: &K, keep: impl Fn(&K, &T) -> bool) -> Slot<T> {
+        // The lock guards map operations only, never an await.
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, c| c.get().is_none_or(|t| keep(k, t)));
+        map.entry(key.clone()).or_default().clone()
+    }
+
+    /// Forgets `slot` under `key` (if it is still the one there), so that the next caller
+    /// connects afresh.
+    pub(crate) fn forget(&self, key: &K, slot: &Slot<T>) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, slot)) {
+            map.remove(key);
+        }
+    }
+
+    /// Forgets every filled slot `matches` picks.
+    pub(crate) fn forget_where(&self, matches: impl Fn(&T) -> bool) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, c| c.get().is_none_or(|t| !matches(t)));
+    }
+}
