@@ -146,10 +146,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = checked.config.worker_threads {
-        builder.worker_threads(n);
-    }
+    // One worker: a current-thread runtime. Everything (accepts, both copy
+    // directions, the I/O driver, timers) runs on the thread that polls it,
+    // with no work-stealing bookkeeping or cross-thread wake-ups.
+    let mut builder = match checked.config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

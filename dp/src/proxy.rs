@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -41,6 +42,8 @@ mod copy;
 pub mod pool;
 pub mod quic;
 mod shared;
+#[cfg(test)]
+mod tests;
 pub mod tls;
 pub mod transport;
 
@@ -293,7 +296,7 @@ async fn bind(
     stop: &mut watch::Receiver<bool>,
 ) -> Option<TcpListener> {
     loop {
-        match TcpListener::bind(addr).await {
+        match listen(addr) {
             Ok(l) => {
                 info!(%addr, what, "listening");
                 return Some(l);
@@ -305,6 +308,20 @@ async fn bind(
             () = crate::shutdown::stopped(stop) => return None,
         }
     }
+}
+
+/// A listener whose accepted sockets start with TCP_NODELAY (Linux copies it from the
+/// listener: one `setsockopt` less per connection), SO_REUSEADDR as std sets it.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Accepts on `addr` until `stop`, serving each connection in its own task with `serve`,
@@ -336,17 +353,19 @@ async fn accept_loop<F, Fut>(
             () = crate::shutdown::stopped(&mut stop) => break,
         };
         let guard = tracker.enter();
-        let metrics = metrics.clone();
-        let conn = serve(tcp, peer);
-        tokio::spawn(async move {
-            metrics.opened.inc();
-            metrics.active.inc();
-            if let Err(e) = conn.await {
+        metrics.opened.inc();
+        metrics.active.inc();
+        let active = metrics.active.clone();
+        // A combinator, not an `async move` block awaiting `serve(..)`: a block would store
+        // the connection's future twice (captured, then as the awaited value), doubling every
+        // connection's task.
+        tokio::spawn(serve(tcp, peer).map(move |r| {
+            if let Err(e) = r {
                 debug!(%peer, what, error = %e, "connection ended with an error");
             }
-            metrics.active.dec();
+            active.dec();
             drop(guard);
-        });
+        }));
     }
     info!(addr = %self_addr(&listener), what, "stopped accepting");
 }
@@ -435,35 +454,45 @@ impl InboundListener {
         .await;
     }
 
+    /// Two phases, so that a connection's task is sized by what lives as long as the
+    /// connection (the streams and the copy), not by the set-up (handshake, HTTP/2 server),
+    /// which is boxed and freed once done.
     async fn serve(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
-        let _ = tcp.set_nodelay(true);
+        match Box::pin(self.establish(tcp, peer)).await? {
+            Established::Done => Ok(()),
+            Established::Plain(down, up) => self.copy(down, up).await,
+            Established::Tls(down, up) => self.copy(down, up).await,
+        }
+    }
+
+    async fn establish(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<Established> {
         let state = self.settings.borrow().clone();
         let ib = &state.inbound;
         let target = SocketAddr::new(ib.service_address, ib.service_port);
         if state.mode == MtlsMode::Disabled {
             let up = connect_local(target, &self.metrics).await?;
-            return self.copy(tcp, up).await;
+            return Ok(Established::Plain(tcp, up));
         }
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first))
             .await
             .unwrap_or(Ok(0))?;
         if n == 0 {
-            return Ok(());
+            return Ok(Established::Done);
         }
         if first[0] != TLS_HANDSHAKE {
             if state.mode == MtlsMode::Permissive {
                 let up = connect_local(target, &self.metrics).await?;
-                return self.copy(tcp, up).await;
+                return Ok(Established::Plain(tcp, up));
             }
             self.metrics.denied.inc();
             warn!(%peer, port = ib.port, "refused plaintext: the mesh is STRICT");
-            return Ok(());
+            return Ok(Established::Done);
         }
         let Some(tls) = self.tls.borrow().clone() else {
             self.metrics.tls_failures.inc();
             warn!(%peer, port = ib.port, "refused: no certificate yet");
-            return Ok(());
+            return Ok(Established::Done);
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -471,12 +500,12 @@ impl InboundListener {
             Ok(Err(e)) => {
                 self.metrics.tls_failures.inc();
                 warn!(%peer, port = ib.port, error = %e, "TLS handshake failed");
-                return Ok(());
+                return Ok(Established::Done);
             }
             Err(_) => {
                 self.metrics.tls_failures.inc();
                 warn!(%peer, port = ib.port, "TLS handshake timed out");
-                return Ok(());
+                return Ok(Established::Done);
             }
         };
         let conn = stream.get_ref().1;
@@ -489,34 +518,50 @@ impl InboundListener {
             .map(|leaf| tls::peer_services(leaf, &tls.mesh))
             .unwrap_or_default();
         if pool::negotiated(conn) {
-            // Authorized (and counted) per stream.
-            return pool::serve(
+            // Authorized (and counted) per stream. Boxed: the HTTP/2 server's state would
+            // otherwise size this future.
+            Box::pin(pool::serve(
                 stream,
                 peer,
                 Arc::new(services),
                 self.settings.clone(),
                 self.metrics.clone(),
                 self.stop.clone(),
-            )
-            .await;
+            ))
+            .await?;
+            return Ok(Established::Done);
         }
         if !authorize(ib, &services, peer, &self.metrics) {
-            return Ok(());
+            return Ok(Established::Done);
         }
         let up = connect_local(target, &self.metrics).await?;
-        self.copy(stream, up).await
+        Ok(Established::Tls(Box::new(stream), up))
     }
 
-    async fn copy<A>(&self, down: A, up: TcpStream) -> io::Result<()>
+    /// Not an `async fn`: its arguments would be stored twice (as arguments, and inside the
+    /// copy), a TLS stream's state among them.
+    fn copy<A>(&self, down: A, up: TcpStream) -> impl Future<Output = io::Result<()>>
     where
         A: AsyncRead + AsyncWrite + Unpin,
     {
-        let (mut down, mut up) = (down, up);
-        let (to, from) = splice(&mut down, &mut up).await?;
-        self.metrics.bytes_to_upstream.inc_by(to);
-        self.metrics.bytes_from_upstream.inc_by(from);
-        Ok(())
+        let metrics = &self.metrics;
+        copy::copy_bidirectional(down, up).map(move |r| {
+            let (to, from) = r?;
+            metrics.bytes_to_upstream.inc_by(to);
+            metrics.bytes_from_upstream.inc_by(from);
+            Ok(())
+        })
     }
+}
+
+/// What an accepted inbound connection turned out to be once set up.
+enum Established {
+    /// Nothing left to carry: refused, closed early, or served as a pooled connection.
+    Done,
+    /// Plaintext (mTLS off, or PERMISSIVE and the client spoke plaintext), and the local service.
+    Plain(TcpStream, TcpStream),
+    /// The client's mTLS connection (boxed: rustls' state is ~1.2 KiB), and the local service.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, TcpStream),
 }
 
 fn self_addr(l: &TcpListener) -> String {
@@ -612,7 +657,6 @@ impl OutboundListener {
     }
 
     async fn serve(&self, mut tcp: TcpStream) -> io::Result<()> {
-        let _ = tcp.set_nodelay(true);
         let state = self.settings.borrow().clone();
         let tls = if state.mode == MtlsMode::Disabled {
             None
@@ -631,17 +675,17 @@ impl OutboundListener {
         for idx in order {
             let slot = &state.slots[idx];
             let t0 = Instant::now();
-            let r = self
-                .dialer
-                .connect(
-                    state.transport,
-                    &slot.address,
-                    &state.service,
-                    tls.as_ref(),
-                    CONNECT_TIMEOUT,
-                    HANDSHAKE_TIMEOUT,
-                )
-                .await;
+            // Boxed: the dialer's state (handshakes, QUIC and HTTP/2 set-up) lives only until
+            // the connection is up, and would otherwise size every outbound task.
+            let r = Box::pin(self.dialer.connect(
+                state.transport,
+                &slot.address,
+                &state.service,
+                tls.as_ref(),
+                CONNECT_TIMEOUT,
+                HANDSHAKE_TIMEOUT,
+            ))
+            .await;
             match r {
                 Ok((mut up, via)) => {
                     self.metrics

@@ -61,13 +61,14 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 
 /// Copies between `a` and `b` in both directions until both have reached EOF and the
 /// opposite write halves are shut down; returns (bytes `a` → `b`, bytes `b` → `a`).
-pub(crate) fn copy_bidirectional<'a, A, B>(
-    a: &'a mut A,
-    b: &'a mut B,
-) -> CopyBidirectional<'a, A, B>
+///
+/// `a` and `b` may be owned streams or `&mut` borrows of them. Owned, the future is the only
+/// place the streams live: no `async fn` around it holding a second copy of a TLS stream's
+/// state for the life of the connection.
+pub(crate) fn copy_bidirectional<A, B>(a: A, b: B) -> CopyBidirectional<A, B>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     CopyBidirectional {
         a,
@@ -78,24 +79,24 @@ where
 }
 
 /// The future of [`copy_bidirectional`].
-pub(crate) struct CopyBidirectional<'a, A: ?Sized, B: ?Sized> {
-    a: &'a mut A,
-    b: &'a mut B,
+pub(crate) struct CopyBidirectional<A, B> {
+    a: A,
+    b: B,
     a_to_b: Direction,
     b_to_a: Direction,
 }
 
-impl<A, B> Future for CopyBidirectional<'_, A, B>
+impl<A, B> Future for CopyBidirectional<A, B>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
     type Output = io::Result<(u64, u64)>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let ab = this.a_to_b.poll(cx, &mut *this.a, &mut *this.b)?;
-        let ba = this.b_to_a.poll(cx, &mut *this.b, &mut *this.a)?;
+        let ab = this.a_to_b.poll(cx, &mut this.a, &mut this.b)?;
+        let ba = this.b_to_a.poll(cx, &mut this.b, &mut this.a)?;
         if ab.is_ready() && ba.is_ready() {
             Poll::Ready(Ok((this.a_to_b.copied, this.b_to_a.copied)))
         } else {

@@ -586,6 +586,10 @@ mod datapath {
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+        for p in &paths {
+            let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
+            detach(attach(&pids, &format!("{}-idle", p.name)), 0);
+        }
         let idle: BTreeMap<&'static str, Vec<f64>> = paths
             .iter()
             .map(|p| {
@@ -638,6 +642,10 @@ mod datapath {
             .iter()
             .map(|p| (p.name, p.procs.iter().map(|q| rss_kib(q.pid())).collect()))
             .collect();
+        for p in &paths {
+            let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
+            detach(attach(&pids, &format!("{}-base", p.name)), 0);
+        }
 
         let mut results: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
         for round in 0..rounds {
@@ -645,7 +653,13 @@ mod datapath {
             // Figure by figure, the paths alternate: A B C … A B C …
             for p in &paths {
                 let r = this.entry(p.name).or_default();
-                let (held, rss) = hold_run(&client, &format!("{}/1k", p.base), conns, &p.procs)?;
+                let (held, rss) = hold_run(
+                    &client,
+                    &format!("{}/1k", p.base),
+                    conns,
+                    &p.procs,
+                    &format!("{}-{round}", p.name),
+                )?;
                 r.errors += (conns - held) as u64;
                 let per = |i: usize| match (rss.get(i), base[p.name].get(i)) {
                     (Some(after), Some(before)) if held > 0 => (after - before) / held as f64,
@@ -662,8 +676,10 @@ mod datapath {
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
                 let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
+                let attached = attach(&pids, &format!("{}-rps-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, secs, false)?;
                 let cpu1: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
+                detach(attached, w.requests);
                 let r = this.entry(p.name).or_default();
                 r.rps = w.rps;
                 r.errors += w.errors;
@@ -696,8 +712,10 @@ mod datapath {
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
                 let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
+                let attached = attach(&pids, &format!("{}-cps-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, secs, true)?;
                 let cpu1: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
+                detach(attached, w.requests);
                 let r = this.entry(p.name).or_default();
                 r.cpu_conn_us = if pids.is_empty() || w.requests == 0 {
                     f64::NAN
@@ -1193,6 +1211,44 @@ mod datapath {
         })
     }
 
+    /// Profiling aid: with `WEFT_BENCH_ATTACH` set (a `sh -c` template, e.g.
+    /// `perf stat -e 'syscalls:sys_enter_*' -p {pids} -o /tmp/{what}.txt`), that command runs
+    /// in the root namespace, attached to the proxies' PIDs, for the length of each req/s and
+    /// new-conns/s run (`{what}` = `<path>-rps-<round>`, `<path>-cps-<round>`), and once when
+    /// they are idle (`<path>-idle`), after the warm-up (`<path>-base`) and while the idle connections are held
+    /// (`<path>-<round>-hold`); it gets SIGINT when the run ends. It only observes
+    /// processes: no traffic. The command runs in its own process group, which gets the SIGINT.
+    fn attach(pids: &[u32], what: &str) -> Option<std::process::Child> {
+        let tpl = std::env::var("WEFT_BENCH_ATTACH").ok()?;
+        if pids.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let cmd = tpl
+            .replace("{pids}", &list.join(","))
+            .replace("{what}", what);
+        // Its own process group, so that the SIGINT reaches what the shell started.
+        let child = std::os::unix::process::CommandExt::process_group(
+            Command::new("sh").arg("-c").arg(&cmd),
+            0,
+        )
+        .spawn();
+        std::thread::sleep(Duration::from_millis(200));
+        child
+            .map_err(|e| eprintln!("weft-bench: WEFT_BENCH_ATTACH `{cmd}`: {e}"))
+            .ok()
+    }
+
+    fn detach(child: Option<std::process::Child>, requests: u64) {
+        if let Some(mut c) = child {
+            let _ = Command::new("kill")
+                .args(["-INT", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+            eprintln!("weft-bench: attached command ended; {requests} requests in this run");
+        }
+    }
+
     struct Wrk {
         rps: f64,
         requests: u64,
@@ -1294,7 +1350,13 @@ mod datapath {
     /// Holds `n` idle keep-alive connections through the path (`weft-bench hold` on the client
     /// host, one request on each so that every hop is established), reads the proxies' VmRSS
     /// (KiB, in `procs` order) while they are held, then closes them. Returns (held, RSS).
-    fn hold_run(client: &Host, url: &str, n: usize, procs: &[Proc]) -> Result<(usize, Vec<f64>)> {
+    fn hold_run(
+        client: &Host,
+        url: &str,
+        n: usize,
+        procs: &[Proc],
+        what: &str,
+    ) -> Result<(usize, Vec<f64>)> {
         let exe = std::env::current_exe()?;
         let mut cmd = client.command(&exe);
         cmd.arg("hold")
@@ -1319,6 +1381,8 @@ mod datapath {
         // response came through it).
         std::thread::sleep(Duration::from_millis(300));
         let rss = procs.iter().map(|q| rss_kib(q.pid())).collect();
+        let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+        detach(attach(&pids, &format!("{what}-hold")), 0);
         drop(holder);
         // Let the proxies close their halves before the next measurement.
         std::thread::sleep(Duration::from_secs(1));
