@@ -71,7 +71,7 @@ pub struct FileConfig {
     pub status_interval: Option<String>,
     /// How long SIGTERM waits for open connections to finish, e.g. `"10s"`.
     pub drain_timeout: Option<String>,
-    /// Threads of the async runtime (default: one per CPU).
+    /// Threads of the async runtime (default: one per CPU; 1: a single-threaded runtime).
     pub worker_threads: Option<usize>,
     /// Resume TLS sessions between dataplanes (TLS 1.3 tickets; default true). `false` makes
     /// every TLS connection a full handshake.

@@ -63,7 +63,8 @@ struct Flags {
     /// On SIGTERM: how long open connections may take to finish, e.g. 10s (the default).
     #[arg(long)]
     drain_timeout: Option<String>,
-    /// Threads of the async runtime (default: one per CPU).
+    /// Threads of the async runtime (default: one per CPU; 1 runs everything on one thread,
+    /// without work stealing: the cheapest per request).
     #[arg(long)]
     worker_threads: Option<usize>,
     /// Resume TLS sessions between dataplanes (default true; false: a full handshake per

@@ -25,3 +25,69 @@ async fn accepted_sockets_have_nodelay() {
         );
     }
 }
+
+/// A proxied connection's task holds only what lives as long as the connection: the set-up
+/// (peek, TLS handshake, HTTP/2 server, dialing) is boxed and freed once done, and no future
+/// is stored twice. It was 16 KiB per inbound connection and 5.9 KiB per outbound one before.
+#[tokio::test]
+async fn connection_futures_stay_small() {
+    const MOST: usize = 1024;
+    let metrics = crate::metrics::Metrics::new();
+    let (_stop_tx, stop) = watch::channel(false);
+    let (_tls_tx, tls) = watch::channel(None);
+    let inbound = InboundState {
+        inbound: Inbound {
+            port: 1,
+            service_address: IpAddr::from([127, 0, 0, 1]),
+            service_port: 2,
+            tags: BTreeMap::new(),
+            rules: Vec::new(),
+        },
+        mode: MtlsMode::Strict,
+        transport: Transport::Tls,
+    };
+    let (_settings_tx, settings) = watch::channel(Arc::new(inbound));
+    let inbound = InboundListener {
+        bind: "127.0.0.1:1".parse().unwrap(),
+        stop: stop.clone(),
+        settings,
+        tls: tls.clone(),
+        metrics: metrics.proxy.listener("inbound", 1, "svc"),
+        tracker: Arc::new(Tracker::default()),
+    };
+    let outbound = OutboundListener {
+        bind: "127.0.0.1:3".parse().unwrap(),
+        settings: watch::channel(Arc::new(OutboundState {
+            service: "svc".into(),
+            lb: LoadBalancer::RoundRobin,
+            mode: MtlsMode::Strict,
+            transport: Transport::Tls,
+            endpoints: Vec::new(),
+            slots: Vec::new(),
+        }))
+        .1,
+        tls,
+        metrics: metrics.proxy.listener("outbound", 3, "svc"),
+        tracker: Arc::new(Tracker::default()),
+        dialer: Arc::new(Dialer::default()),
+        balancer: Arc::new(Balancer::default()),
+    };
+
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let (a, b) = tokio::join!(TcpStream::connect(at), l.accept());
+    let (a, (b, peer)) = (a.unwrap(), b.unwrap());
+    let fut = inbound.serve(a, peer);
+    let size = size_of_val(&fut);
+    assert!(
+        size <= MOST,
+        "an inbound connection's future is {size} bytes"
+    );
+    drop(fut);
+    let fut = outbound.serve(b);
+    let size = size_of_val(&fut);
+    assert!(
+        size <= MOST,
+        "an outbound connection's future is {size} bytes"
+    );
+}

@@ -88,9 +88,12 @@ struct Fallback {
 
 /// What `auto` does for a peer now.
 enum AutoRoute {
+    /// UDP answers (or has not been tried): QUIC.
     Quic,
-    Tls,
-    TlsAndProbe,
+    /// UDP did not answer lately: pooled TLS.
+    Pooled,
+    /// Pooled TLS, and time to probe QUIC again in the background.
+    PooledAndProbe,
 }
 
 impl Dialer {
@@ -158,8 +161,8 @@ impl Dialer {
             };
         }
         match self.auto_route(peer) {
-            AutoRoute::Tls => return pooled().await,
-            AutoRoute::TlsAndProbe => {
+            AutoRoute::Pooled => return pooled().await,
+            AutoRoute::PooledAndProbe => {
                 self.probe(peer, service.to_owned(), tls.clone());
                 return pooled().await;
             }
@@ -186,10 +189,10 @@ impl Dialer {
         let mut map = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(&peer) {
             None => AutoRoute::Quic,
-            Some(f) if f.probing || f.until > Instant::now() => AutoRoute::Tls,
+            Some(f) if f.probing || f.until > Instant::now() => AutoRoute::Pooled,
             Some(f) => {
                 f.probing = true;
-                AutoRoute::TlsAndProbe
+                AutoRoute::PooledAndProbe
             }
         }
     }
