@@ -587,8 +587,7 @@ mod datapath {
         }
         std::thread::sleep(Duration::from_millis(500));
         for p in &paths {
-            let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
-            detach(attach(&pids, &format!("{}-idle", p.name)), 0);
+            detach(attach(&p.procs, &format!("{}-idle", p.name)), None);
         }
         let idle: BTreeMap<&'static str, Vec<f64>> = paths
             .iter()
@@ -643,8 +642,7 @@ mod datapath {
             .map(|p| (p.name, p.procs.iter().map(|q| rss_kib(q.pid())).collect()))
             .collect();
         for p in &paths {
-            let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
-            detach(attach(&pids, &format!("{}-base", p.name)), 0);
+            detach(attach(&p.procs, &format!("{}-base", p.name)), None);
         }
 
         let mut results: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
@@ -676,10 +674,10 @@ mod datapath {
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
                 let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
-                let attached = attach(&pids, &format!("{}-rps-{round}", p.name));
+                let attached = attach(&p.procs, &format!("{}-rps-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, secs, false)?;
                 let cpu1: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
-                detach(attached, w.requests);
+                detach(attached, Some(w.requests));
                 let r = this.entry(p.name).or_default();
                 r.rps = w.rps;
                 r.errors += w.errors;
@@ -712,10 +710,10 @@ mod datapath {
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
                 let cpu0: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
-                let attached = attach(&pids, &format!("{}-cps-{round}", p.name));
+                let attached = attach(&p.procs, &format!("{}-cps-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 16, secs, true)?;
                 let cpu1: f64 = pids.iter().map(|&q| cpu_secs(q, tck)).sum();
-                detach(attached, w.requests);
+                detach(attached, Some(w.requests));
                 let r = this.entry(p.name).or_default();
                 r.cpu_conn_us = if pids.is_empty() || w.requests == 0 {
                     f64::NAN
@@ -1218,12 +1216,12 @@ mod datapath {
     /// they are idle (`<path>-idle`), after the warm-up (`<path>-base`) and while the idle connections are held
     /// (`<path>-<round>-hold`); it gets SIGINT when the run ends. It only observes
     /// processes: no traffic. The command runs in its own process group, which gets the SIGINT.
-    fn attach(pids: &[u32], what: &str) -> Option<std::process::Child> {
+    fn attach(procs: &[Proc], what: &str) -> Option<std::process::Child> {
         let tpl = std::env::var("WEFT_BENCH_ATTACH").ok()?;
-        if pids.is_empty() {
+        if procs.is_empty() {
             return None;
         }
-        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let list: Vec<String> = procs.iter().map(|p| p.pid().to_string()).collect();
         let cmd = tpl
             .replace("{pids}", &list.join(","))
             .replace("{what}", what);
@@ -1239,13 +1237,19 @@ mod datapath {
             .ok()
     }
 
-    fn detach(child: Option<std::process::Child>, requests: u64) {
+    /// Ends what [`attach`] started; `requests` is how many the run it watched completed.
+    fn detach(child: Option<std::process::Child>, requests: Option<u64>) {
         if let Some(mut c) = child {
             let _ = Command::new("kill")
                 .args(["-INT", "--", &format!("-{}", c.id())])
                 .status();
             let _ = c.wait();
-            eprintln!("weft-bench: attached command ended; {requests} requests in this run");
+            match requests {
+                Some(n) => {
+                    eprintln!("weft-bench: attached command ended; {n} requests in this run")
+                }
+                None => eprintln!("weft-bench: attached command ended"),
+            }
         }
     }
 
@@ -1381,8 +1385,7 @@ mod datapath {
         // response came through it).
         std::thread::sleep(Duration::from_millis(300));
         let rss = procs.iter().map(|q| rss_kib(q.pid())).collect();
-        let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
-        detach(attach(&pids, &format!("{what}-hold")), 0);
+        detach(attach(procs, &format!("{what}-hold")), None);
         drop(holder);
         // Let the proxies close their halves before the next measurement.
         std::thread::sleep(Duration::from_secs(1));
