@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
@@ -41,6 +41,7 @@ pub mod balance;
 mod copy;
 pub mod pool;
 pub mod quic;
+mod replay;
 mod shared;
 #[cfg(test)]
 mod tests;
@@ -672,7 +673,12 @@ impl OutboundListener {
             warn!(service = %state.service, "no healthy endpoint");
             return Ok(());
         }
-        for idx in order {
+        // What the client sent to an endpoint that refused it (or never answered), for the
+        // next one; and whether the one extra try on the same endpoint was used.
+        let mut replay = Vec::new();
+        let mut again = false;
+        let mut i = 0;
+        while let Some(&idx) = order.get(i) {
             let slot = &state.slots[idx];
             let t0 = Instant::now();
             // Boxed: the dialer's state (handshakes, QUIC and HTTP/2 set-up) lives only until
@@ -686,49 +692,90 @@ impl OutboundListener {
                 HANDSHAKE_TIMEOUT,
             ))
             .await;
-            match r {
-                Ok((mut up, via)) => {
-                    self.metrics
-                        .connect_seconds
-                        .observe(t0.elapsed().as_secs_f64());
-                    match via {
-                        Via::Quic => {
-                            self.metrics.quic_streams.inc();
-                        }
-                        Via::Tls { resumed: true } => {
-                            self.metrics.tls_resumed.inc();
-                        }
-                        Via::Pooled => {
-                            self.metrics.pooled_streams.inc();
-                        }
-                        Via::Tls { resumed: false } | Via::Tcp => {}
+            let (up, via) = match r {
+                Ok(ok) => ok,
+                Err(e) => {
+                    if !self.failed(&state, slot, &e) {
+                        return Ok(());
                     }
-                    slot.active.fetch_add(1, Ordering::Relaxed);
-                    let copied = splice(&mut tcp, &mut up).await;
-                    slot.active.fetch_sub(1, Ordering::Relaxed);
-                    if copied.is_err() {
-                        // The far side failed or was reset: reset the client too.
-                        let _ = tcp.set_zero_linger();
-                    }
-                    let (to, from) = copied?;
+                    i += 1;
+                    continue;
+                }
+            };
+            self.metrics
+                .connect_seconds
+                .observe(t0.elapsed().as_secs_f64());
+            match via {
+                Via::Quic => {
+                    self.metrics.quic_streams.inc();
+                }
+                Via::Tls { resumed: true } => {
+                    self.metrics.tls_resumed.inc();
+                }
+                Via::Pooled => {
+                    self.metrics.pooled_streams.inc();
+                }
+                Via::Tls { resumed: false } | Via::Tcp => {}
+            }
+            // Pooled and QUIC streams are answered after the client's first bytes went out.
+            let mut up = replay::Replay::new(up, matches!(via, Via::Quic | Via::Pooled));
+            slot.active.fetch_add(1, Ordering::Relaxed);
+            let copied = async {
+                if !replay.is_empty() {
+                    up.write_all(&replay).await?;
+                }
+                splice(&mut tcp, &mut up).await
+            }
+            .await;
+            slot.active.fetch_sub(1, Ordering::Relaxed);
+            let e = match copied {
+                Ok((to, from)) => {
                     self.metrics.bytes_to_upstream.inc_by(to);
                     self.metrics.bytes_from_upstream.inc_by(from);
                     return Ok(());
                 }
-                Err(Upstream::Refused(quic::Refusal::Denied)) => {
-                    warn!(service = %state.service, endpoint = %slot.address, "denied by the peer's traffic permissions");
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.metrics.connect_failures.inc();
-                    if matches!(e, Upstream::Tls(_)) {
-                        self.metrics.tls_failures.inc();
-                    }
-                    warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream connect failed; trying another endpoint");
-                }
+                Err(e) => e,
+            };
+            let Some(why) = transport::unanswered(&e) else {
+                // The far side failed or was reset: reset the client too.
+                let _ = tcp.set_zero_linger();
+                return Err(e);
+            };
+            let same = tls.as_ref().is_some_and(|t| {
+                self.dialer
+                    .unanswered(state.transport, &slot.address, &state.service, t, via, why)
+            });
+            let Some(sent) = up.into_replay() else {
+                // More than can be replayed went out: fail like an established connection.
+                let _ = tcp.set_zero_linger();
+                return Err(e);
+            };
+            if !self.failed(&state, slot, why) {
+                return Ok(());
+            }
+            replay = sent;
+            if same && !again {
+                again = true;
+            } else {
+                i += 1;
             }
         }
         warn!(service = %state.service, "every endpoint tried failed");
         Ok(())
+    }
+
+    /// Counts and logs a failed attempt on `slot`; whether another endpoint may be tried
+    /// (not when the peer denied the client: no other will say otherwise).
+    fn failed(&self, state: &OutboundState, slot: &Slot, e: &Upstream) -> bool {
+        if matches!(e, Upstream::Refused(quic::Refusal::Denied)) {
+            warn!(service = %state.service, endpoint = %slot.address, "denied by the peer's traffic permissions");
+            return false;
+        }
+        self.metrics.connect_failures.inc();
+        if matches!(e, Upstream::Tls(_)) {
+            self.metrics.tls_failures.inc();
+        }
+        warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream connect failed; trying another endpoint");
+        true
     }
 }

@@ -297,6 +297,43 @@ fn two_backends_share_traffic_and_survive_losing_one(t: T) -> Result<()> {
 }
 
 #[test]
+fn c_pooled_a_backend_whose_service_is_down_is_replayed_elsewhere() -> Result<()> {
+    a_backend_whose_service_is_down_is_replayed_elsewhere(T::Pooled)
+}
+
+#[test]
+fn c_quic_a_backend_whose_service_is_down_is_replayed_elsewhere() -> Result<()> {
+    a_backend_whose_service_is_down_is_replayed_elsewhere(T::Quic)
+}
+
+/// Pooled and QUIC streams carry the client's request before the peer has answered: when
+/// backend-4's service is down its dataplane refuses each stream (503 / `unavailable`), and
+/// web sends the very same bytes to backend-3 — no request fails, none is served twice.
+fn a_backend_whose_service_is_down_is_replayed_elsewhere(t: T) -> Result<()> {
+    let mut shop = Shop::new(2, true, None, t)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let (_dp4, app4) = shop.backends.pop().expect("two backends");
+    app4.kill9();
+    let refused_before = shop
+        .web
+        .metric("weft_dp_upstream_connect_failures_total", &["outbound"]);
+    // A fresh connection per request, each sent before web's dataplane knows the answer.
+    let v = shop.mesh.load(2, &format!("{WEB_URL}/"), "3s", "20ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(v["served_by"]["backend-4"].is_null(), "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 100, "{v}");
+    let refused = shop
+        .web
+        .metric("weft_dp_upstream_connect_failures_total", &["outbound"])
+        - refused_before;
+    ensure!(
+        refused > 10.0,
+        "backend-4 refused {refused} streams: the replay was not exercised"
+    );
+    check_transport(&shop.web, t)
+}
+
+#[test]
 fn d_cp_killed_under_steady_traffic_fails_no_request() -> Result<()> {
     cp_killed_under_steady_traffic_fails_no_request(T::Tls)
 }

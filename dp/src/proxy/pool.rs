@@ -7,12 +7,15 @@
 //!   TLS-tunnel behaviour, so both share the inbound's TCP port.
 //! - A stream is `CONNECT <service>:<inbound port>`; the server checks both against the
 //!   inbound, authorizes the *connection's* certificate, connects to the local service and
-//!   answers 200 (bytes then flow both ways), or 403 (denied), 503 (local service down or
-//!   draining) or 421 (another inbound).
+//!   answers 200, or 403 (denied), 503 (local service down or draining) or 421 (another
+//!   inbound). The client sends the proxied connection's bytes right behind the request,
+//!   without waiting for the answer; the server forwards them only once it accepted, and a
+//!   refused stream's bytes go to another endpoint ([`super::replay`]).
 //! - Half-close is END_STREAM; a failed side resets the stream (`CANCEL`), a reset stream
 //!   resets the TCP connection.
 //! - Draining sends GOAWAY: streams in flight finish, new ones go elsewhere.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,6 +24,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf as _, Bytes};
+use h2::client::ResponseFuture;
 use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,7 +34,7 @@ use tracing::{debug, warn};
 use super::quic::Refusal;
 use super::shared::Shared;
 use super::tls::TlsState;
-use super::transport::{BoxStream, Upstream, tcp_tls};
+use super::transport::{BoxStream, Unanswered, Upstream, tcp_tls};
 use super::{InboundState, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
 
@@ -59,22 +63,62 @@ fn h2_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// A client's awaited answer to its CONNECT, with the deadline.
+type Answer = Pin<Box<tokio::time::Timeout<ResponseFuture>>>;
+
 /// An HTTP/2 stream as a byte stream.
 pub(crate) struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// `None` on a client's stream until the server's answer (or for good if it refused).
+    recv: Option<RecvStream>,
+    /// A client's stream until the answer: its first read waits for it, writes go ahead.
+    answer: Option<Answer>,
     pending: Bytes,
     finished: bool,
 }
 
 impl H2Stream {
-    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+    fn new(send: SendStream<Bytes>, recv: Option<RecvStream>, answer: Option<Answer>) -> H2Stream {
         H2Stream {
             send,
             recv,
+            answer,
             pending: Bytes::new(),
             finished: false,
         }
+    }
+
+    /// Waits for the server's answer (a no-op once it came): 200, or the refusal as an
+    /// [`Unanswered`] error.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(answer) = self.answer.as_mut() else {
+            return Poll::Ready(match self.recv {
+                Some(_) => Ok(()),
+                None => Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the stream was refused",
+                )),
+            });
+        };
+        let r = ready!(answer.as_mut().poll(cx));
+        self.answer = None;
+        let why = match r {
+            Ok(Ok(response)) if response.status() == StatusCode::OK => {
+                self.recv = Some(response.into_body());
+                return Poll::Ready(Ok(()));
+            }
+            Ok(Ok(response)) => Upstream::Refused(match response.status() {
+                StatusCode::FORBIDDEN => Refusal::Denied,
+                StatusCode::SERVICE_UNAVAILABLE => Refusal::Unavailable,
+                other => Refusal::Other(u32::from(other.as_u16())),
+            }),
+            Ok(Err(e)) => Upstream::Connect(h2_io(e)),
+            Err(_) => Upstream::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer to CONNECT",
+            )),
+        };
+        Poll::Ready(Err(Unanswered::io(why)))
     }
 }
 
@@ -94,6 +138,7 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        ready!(self.poll_answer(cx))?;
         loop {
             if !self.pending.is_empty() {
                 let n = buf.remaining().min(self.pending.len());
@@ -101,9 +146,12 @@ impl AsyncRead for H2Stream {
                 self.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            let Some(recv) = self.recv.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     self.pending = data;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
@@ -115,6 +163,39 @@ impl AsyncRead for H2Stream {
 
 impl AsyncWrite for H2Stream {
     fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.as_mut().write_data(cx, buf);
+        if let Poll::Ready(Err(e)) = r {
+            // Refused before the answer was read (a refusal resets the stream): the answer
+            // says why, and that nothing was forwarded.
+            if self.answer.is_some()
+                && let Poll::Ready(Err(refused)) = self.poll_answer(cx)
+            {
+                return Poll::Ready(Err(refused));
+            }
+            return Poll::Ready(Err(e));
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.finished {
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            self.finished = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Stream {
+    fn write_data(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
@@ -140,18 +221,6 @@ impl AsyncWrite for H2Stream {
             })),
             Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
         }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.finished {
-            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            self.finished = true;
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -233,27 +302,20 @@ impl PoolClient {
                 .clone();
             let sent = async {
                 let mut sender = sender.ready().await?;
-                let (response, send) = sender.send_request(request.clone(), false)?;
-                let response = response.await?;
-                Ok::<_, h2::Error>((response, send))
+                sender.send_request(request.clone(), false)
             };
+            // The client's bytes follow the request at once; the stream's first read waits
+            // for the answer.
             match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
                 Ok(Ok((response, send))) => {
-                    let status = response.status();
-                    if status == StatusCode::OK {
-                        return Ok(Box::pin(H2Stream::new(send, response.into_body())));
-                    }
-                    return Err(Upstream::Refused(match status {
-                        StatusCode::FORBIDDEN => Refusal::Denied,
-                        StatusCode::SERVICE_UNAVAILABLE => Refusal::Unavailable,
-                        other => Refusal::Other(u32::from(other.as_u16())),
-                    }));
+                    let answer = Box::pin(tokio::time::timeout(ANSWER_TIMEOUT, response));
+                    return Ok(Box::pin(H2Stream::new(send, None, Some(answer))));
                 }
                 Ok(Err(e)) => last = Some(h2_io(e)),
                 Err(_) => {
                     last = Some(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "no answer to CONNECT",
+                        "no room for a stream",
                     ))
                 }
             }
@@ -262,6 +324,13 @@ impl PoolClient {
         Err(Upstream::Connect(last.unwrap_or_else(|| {
             io::Error::other("pooled connection failed")
         })))
+    }
+
+    /// Drops the pooled connection to `address` for `service` (it did not answer a stream):
+    /// the next stream connects afresh.
+    pub fn forget(&self, address: &str, service: &str, tls: &TlsState) {
+        self.pool
+            .remove(&(address.to_owned(), service.to_owned(), tls.generation));
     }
 }
 
@@ -355,7 +424,7 @@ async fn stream(
         return;
     };
     metrics.pooled_streams.inc();
-    let mut s = H2Stream::new(send, request.into_body());
+    let mut s = H2Stream::new(send, Some(request.into_body()), None);
     match splice(&mut s, &mut up).await {
         Ok((from_client, to_client)) => {
             metrics.bytes_to_upstream.inc_by(from_client);

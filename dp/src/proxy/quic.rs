@@ -8,9 +8,12 @@
 //! - A stream opens with a header, client → server: version (1), the inbound port (u16, big
 //!   endian), the length of the target service's name (u8) and the name. The server checks the
 //!   port and service against the inbound, authorizes the connection's identity, connects to
-//!   the local service and answers one byte, [`ACCEPTED`]; bytes then flow both ways. A
+//!   the local service and answers one byte, [`ACCEPTED`], before anything from the service. A
 //!   refusal is a stream reset with one of the [`code`]s, so the client can tell "denied"
-//!   (give up) from "unavailable" or "draining" (try another endpoint).
+//!   (give up) from "unavailable" or "draining" (try another endpoint). The client sends the
+//!   proxied connection's bytes right behind the header, without waiting for the answer; the
+//!   server forwards them only once it accepted, and a refused stream's bytes go to another
+//!   endpoint ([`super::replay`]).
 //! - Half-close maps to FIN both ways; a reset TCP connection resets the stream
 //!   ([`code::RESET`]) and a reset stream resets the TCP connection (linger 0).
 //! - Inbound endpoints listen on the inbound's port over UDP while the mesh's transport is
@@ -20,9 +23,12 @@
 //!   streams go over a new connection and the old one closes when its last stream ends.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -32,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::shared::Shared;
 use super::tls::{self, TlsState};
-use super::transport::{BoxStream, Upstream};
+use super::transport::{BoxStream, Unanswered, Upstream};
 use super::{InboundState, Tracker, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
 use crate::model::Transport;
@@ -290,28 +296,18 @@ impl QuicClient {
         let hdr =
             header(peer.port(), service).ok_or_else(|| fail("service name too long".into()))?;
         let opened = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
             send.write_all(&hdr)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            let mut answer = [0u8; 1];
-            match recv.read_exact(&mut answer).await {
-                Ok(()) if answer[0] == ACCEPTED => Ok(tokio::io::join(recv, send)),
-                Ok(()) => Err(fail(format!("unexpected answer {}", answer[0]))),
-                Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(c))) => {
-                    Err(QuicError::Upstream(Upstream::Refused(refusal(c))))
-                }
-                Err(e) => Err(fail(e.to_string())),
-            }
+            Ok(tokio::io::join(recv, send))
         };
-        let stream = match tokio::time::timeout(ANSWER_TIMEOUT + conn.rtt() * 4, opened).await {
+        // The client's bytes follow the header at once; the stream's first read waits for the
+        // answer, until the same deadline.
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT + conn.rtt() * 4;
+        let stream = match tokio::time::timeout_at(deadline, opened).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                if matches!(e, QuicError::Upstream(Upstream::Refused(Refusal::Draining))) {
-                    self.evict(&conn);
-                }
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 self.evict(&conn);
                 return Err(QuicError::Timeout);
@@ -319,8 +315,16 @@ impl QuicClient {
         };
         Ok(Box::pin(QuicStream {
             inner: stream,
+            answer: Some(Box::pin(tokio::time::sleep_until(deadline))),
             finished: false,
         }) as BoxStream)
+    }
+
+    /// Drops the pooled connection to `peer` for `service` (it did not answer a stream, or
+    /// its peer is draining): the next stream connects afresh.
+    pub fn forget(&self, peer: SocketAddr, service: &str, tls: &TlsState) {
+        self.pool
+            .remove(&(peer, service.to_owned(), tls.generation));
     }
 }
 
@@ -362,7 +366,43 @@ impl std::fmt::Display for Refusal {
 /// error and drops the stream; an unfinished send half is then reset, not finished).
 struct QuicStream {
     inner: Duplex,
+    /// Until the server's answer has been read: its deadline. Writes go ahead meanwhile.
+    answer: Option<Pin<Box<tokio::time::Sleep>>>,
     finished: bool,
+}
+
+impl QuicStream {
+    /// Reads the server's answer (a no-op once read): [`ACCEPTED`], or why not as an
+    /// [`Unanswered`] error.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(deadline) = self.answer.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut byte = [0u8; 1];
+        let why = match self.inner.reader_mut().poll_read(cx, &mut byte) {
+            Poll::Ready(Ok(1)) if byte[0] == ACCEPTED => {
+                self.answer = None;
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Ok(1)) => {
+                Upstream::Connect(io::Error::other(format!("unexpected answer {}", byte[0])))
+            }
+            Poll::Ready(Ok(_)) => Upstream::Connect(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream finished without an answer",
+            )),
+            Poll::Ready(Err(quinn::ReadError::Reset(c))) => Upstream::Refused(refusal(c)),
+            Poll::Ready(Err(e)) => Upstream::Connect(io::Error::other(e)),
+            Poll::Pending => {
+                ready!(deadline.as_mut().poll(cx));
+                Upstream::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no answer over QUIC",
+                ))
+            }
+        };
+        Poll::Ready(Err(Unanswered::io(why)))
+    }
 }
 
 impl Drop for QuicStream {
@@ -377,36 +417,42 @@ impl Drop for QuicStream {
 
 impl tokio::io::AsyncRead for QuicStream {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_answer(cx))?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for QuicStream {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Err(e)) = r {
+            // Refused before the answer was read (a refusal stops our half too): the answer
+            // says why, and that nothing was forwarded.
+            if self.answer.is_some()
+                && let Poll::Ready(Err(refused)) = self.poll_answer(cx)
+            {
+                return Poll::Ready(Err(refused));
+            }
+            return Poll::Ready(Err(e));
+        }
+        r
     }
 
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
-        if matches!(r, std::task::Poll::Ready(Ok(()))) {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
             self.finished = true;
         }
         r

@@ -44,6 +44,12 @@ impl<K: Eq + Hash + Clone, T> Shared<K, T> {
         }
     }
 
+    /// Forgets whatever is under `key`.
+    pub(crate) fn remove(&self, key: &K) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(key);
+    }
+
     /// Forgets every filled slot `matches` picks.
     pub(crate) fn forget_where(&self, matches: impl Fn(&T) -> bool) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());

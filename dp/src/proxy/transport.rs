@@ -71,6 +71,31 @@ pub enum Upstream {
     Refused(Refusal),
 }
 
+/// A stream's failure before its peer answered it (pooled TLS and QUIC streams carry the
+/// client's first bytes without waiting for the answer): the peer refused — and then forwarded
+/// nothing — or did not answer within its answer timeout. The connection may go to another
+/// endpoint, replaying what the client had sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unanswered(pub Upstream);
+
+impl Unanswered {
+    /// As the I/O error a stream returns.
+    pub fn io(why: Upstream) -> io::Error {
+        io::Error::other(Unanswered(why))
+    }
+}
+
+/// The reason, if `e` is a stream's [`Unanswered`] error.
+pub fn unanswered(e: &io::Error) -> Option<&Upstream> {
+    e.get_ref()?.downcast_ref::<Unanswered>().map(|u| &u.0)
+}
+
+/// Whether `why` is an answer timeout.
+fn timed_out(why: &Upstream) -> bool {
+    matches!(why, Upstream::Connect(e) if e.kind() == io::ErrorKind::TimedOut)
+}
+
 /// Opens connections to other dataplanes over the mesh's transport.
 #[derive(Default)]
 pub struct Dialer {
@@ -171,17 +196,64 @@ impl Dialer {
         match self.quic.open(peer, service, tls, AUTO_QUIC_TIMEOUT).await {
             Ok(s) => Ok((s, Via::Quic)),
             Err(QuicError::Timeout) => {
-                if self.fall_back(peer) {
-                    warn!(
-                        %peer,
-                        service,
-                        "no answer over QUIC (UDP blocked?): using pooled TLS for this peer, trying QUIC again every {}s",
-                        RETRY_QUIC_AFTER.as_secs()
-                    );
-                }
+                self.quic_silent(peer, service);
                 pooled().await
             }
             Err(QuicError::Upstream(e)) => Err(e),
+        }
+    }
+
+    /// After a stream [`connect`](Self::connect) opened over `via` failed unanswered (`why`),
+    /// what waiting for the answer would have done: a connection that does not answer takes
+    /// no new streams (nor does a QUIC connection whose peer is draining); a QUIC peer that
+    /// does not answer is left alone for a while (`quic`) or reached over pooled TLS (`auto`,
+    /// logged once). Returns whether the same endpoint is worth one more try: over a fresh
+    /// pooled connection, or over pooled TLS for `auto`.
+    pub fn unanswered(
+        &self,
+        transport: Transport,
+        address: &str,
+        service: &str,
+        tls: &TlsState,
+        via: Via,
+        why: &Upstream,
+    ) -> bool {
+        let timeout = timed_out(why);
+        match via {
+            Via::Pooled if timeout => {
+                self.pool.forget(address, service, tls);
+                true
+            }
+            Via::Quic => {
+                let Ok(peer) = address.parse::<SocketAddr>() else {
+                    return false;
+                };
+                if timeout || matches!(why, Upstream::Refused(Refusal::Draining)) {
+                    self.quic.forget(peer, service, tls);
+                }
+                if !timeout {
+                    return false;
+                }
+                if transport == Transport::Auto {
+                    self.quic_silent(peer, service);
+                    return true;
+                }
+                self.quic.timed_out(peer, QUIC_PEER_DOWN_FOR);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// `auto`: `peer` did not answer over QUIC; pooled TLS for it from now on (logged once).
+    fn quic_silent(&self, peer: SocketAddr, service: &str) {
+        if self.fall_back(peer) {
+            warn!(
+                %peer,
+                service,
+                "no answer over QUIC (UDP blocked?): using pooled TLS for this peer, trying QUIC again every {}s",
+                RETRY_QUIC_AFTER.as_secs()
+            );
         }
     }
 

@@ -83,6 +83,10 @@ struct DatapathArgs {
     /// 1000, 50 with --smoke.
     #[arg(long)]
     conns: Option<usize>,
+    /// A/B in one run: also measures each weft path with this weft-dp binary (e.g. a build of
+    /// another commit), as `<path>-b`, alternating with the others.
+    #[arg(long, value_name = "WEFT_DP")]
+    dp_b: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -376,9 +380,12 @@ impl Mesh {
         Ok(self.weftctl(&args)?.trim().to_owned())
     }
 
-    /// `weft-dp run` with one runtime worker on host `i`, and `extra` flags.
+    /// `weft-dp run` with one runtime worker on host `i`, and `extra` flags; `bin` instead of
+    /// the bin dir's weft-dp if given.
+    #[allow(clippy::too_many_arguments)]
     fn start_dp(
         &self,
+        bin: Option<&Path>,
         i: usize,
         mesh: &str,
         name: &str,
@@ -391,7 +398,10 @@ impl Mesh {
         std::fs::write(dir.join("dataplane.yaml"), yaml)?;
         std::fs::write(dir.join("token"), self.token(mesh, Some(name), service)?)?;
         let host = self.host(i).clone();
-        let mut cmd = host.command(need(&self.bins, "weft-dp")?);
+        let mut cmd = match bin {
+            Some(b) => host.command(b),
+            None => host.command(need(&self.bins, "weft-dp")?),
+        };
         cmd.arg("run")
             .arg("--cp-address")
             .arg(format!("https://{}:5678", self.host(1).addr))
@@ -435,6 +445,8 @@ mod datapath {
         p50_ms: f64,
         p99_ms: f64,
         cps: f64,
+        /// Time per new connection with one client (µs): the latency a connection adds.
+        conn_us: f64,
         bulk_gbps: f64,
         cpu_us: f64,
         cpu_conn_us: f64,
@@ -445,8 +457,9 @@ mod datapath {
         conn_kib_server: f64,
     }
 
-    const FIGURES: [&str; 11] = [
-        "rps", "p50", "p99", "cps", "bulk", "cpu", "cpuc", "rss", "conn", "conn_c", "conn_s",
+    const FIGURES: [&str; 12] = [
+        "rps", "p50", "p99", "cps", "conn1", "bulk", "cpu", "cpuc", "rss", "conn", "conn_c",
+        "conn_s",
     ];
 
     fn get(r: &Round, f: &str) -> f64 {
@@ -455,6 +468,7 @@ mod datapath {
             "p50" => r.p50_ms,
             "p99" => r.p99_ms,
             "cps" => r.cps,
+            "conn1" => r.conn_us,
             "bulk" => r.bulk_gbps,
             "cpu" => r.cpu_us,
             "cpuc" => r.cpu_conn_us,
@@ -514,34 +528,64 @@ mod datapath {
                 note: "plain TCP to the backend".into(),
             });
         }
+        // Each weft variant (and its `-b` twin with `--dp-b`): a pair in a mesh of its own (the
+        // transport is per mesh), on its own ports.
+        let mut meshes: Vec<&'static str> = Vec::new();
         for (k, v) in WEFT.iter().enumerate().filter(|(_, v)| want(v.path)) {
-            // Each variant in a mesh of its own (the transport is per mesh), on its own ports.
-            let (inbound, outbound) = (10002 + 10 * k, 20001 + 10 * k);
-            mesh.apply(&format!("mesh-{}", v.mesh), &mesh_yaml(v.mesh, v.transport))?;
-            mesh.apply(
-                &format!("allow-{}", v.mesh),
-                &ALLOW.replace("mesh: default", &format!("mesh: {}", v.mesh)),
-            )?;
-            let extra: &[&str] = if v.resumption {
-                &[]
-            } else {
-                &["--tls-resumption", "false"]
-            };
-            let s = mesh.start_dp(
-                3,
-                v.mesh,
-                "backend",
-                "backend",
-                &backend_yaml(v.mesh, inbound),
-                extra,
-            )?;
-            let c = mesh.start_dp(2, v.mesh, "web", "web", &web_yaml(v.mesh, outbound), extra)?;
-            paths.push(Path_ {
-                name: v.path,
-                base: format!("http://127.0.0.1:{outbound}"),
-                procs: vec![c, s],
-                note: format!("weft-dp --worker-threads 1, authorization on; {}", v.note),
-            });
+            for (b, bin) in [(false, None), (true, a.dp_b.as_deref())] {
+                if b && bin.is_none() {
+                    continue;
+                }
+                let (path, mesh_name) = if b {
+                    (WEFT_B[k].0, WEFT_B[k].1)
+                } else {
+                    (v.path, v.mesh)
+                };
+                let port = 10 * k + if b { 5 } else { 0 };
+                let (inbound, outbound) = (10002 + port, 20001 + port);
+                mesh.apply(
+                    &format!("mesh-{mesh_name}"),
+                    &mesh_yaml(mesh_name, v.transport),
+                )?;
+                mesh.apply(
+                    &format!("allow-{mesh_name}"),
+                    &ALLOW.replace("mesh: default", &format!("mesh: {mesh_name}")),
+                )?;
+                let extra: &[&str] = if v.resumption {
+                    &[]
+                } else {
+                    &["--tls-resumption", "false"]
+                };
+                let s = mesh.start_dp(
+                    bin,
+                    3,
+                    mesh_name,
+                    "backend",
+                    "backend",
+                    &backend_yaml(mesh_name, inbound),
+                    extra,
+                )?;
+                let c = mesh.start_dp(
+                    bin,
+                    2,
+                    mesh_name,
+                    "web",
+                    "web",
+                    &web_yaml(mesh_name, outbound),
+                    extra,
+                )?;
+                let by = bin.map_or(String::new(), |b| format!(" ({})", b.display()));
+                paths.push(Path_ {
+                    name: path,
+                    base: format!("http://127.0.0.1:{outbound}"),
+                    procs: vec![c, s],
+                    note: format!(
+                        "weft-dp{by} --worker-threads 1, authorization on; {}",
+                        v.note
+                    ),
+                });
+                meshes.push(mesh_name);
+            }
         }
         if want("haproxy") {
             match which("haproxy") {
@@ -577,12 +621,9 @@ mod datapath {
 
         // Idle RSS, before any traffic: weft-dp once it reports ready (config applied, valid
         // certificate); the others once started (they load their certificates at start).
-        for v in WEFT
-            .iter()
-            .filter(|v| paths.iter().any(|p| p.name == v.path))
-        {
+        for mesh_name in &meshes {
             for (i, name) in [(2, "web"), (3, "backend")] {
-                dp_ready(&mesh, i, v.mesh, name)?;
+                dp_ready(&mesh, i, mesh_name, name)?;
             }
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -725,6 +766,18 @@ mod datapath {
                 eprintln!("round {round} {}: {:.0} new conns/s", p.name, r.cps);
             }
             for p in &paths {
+                // One client, one connection at a time: what opening a connection costs in
+                // time (round trips between the proxies, wake-ups), not in throughput.
+                let w = wrk_run(&client, &wrk, &format!("{}/1k", p.base), 1, secs, true)?;
+                let r = this.entry(p.name).or_default();
+                r.conn_us = if w.rps > 0.0 { 1e6 / w.rps } else { f64::NAN };
+                r.errors += w.errors;
+                eprintln!(
+                    "round {round} {}: {:.0} µs per new conn, one client",
+                    p.name, r.conn_us
+                );
+            }
+            for p in &paths {
                 let w = wrk_run(&client, &wrk, &format!("{}/1m", p.base), 1, secs, false)?;
                 let r = this.entry(p.name).or_default();
                 r.bulk_gbps = w.rps * ONE_MIB as f64 * 8.0 / 1e9;
@@ -789,9 +842,12 @@ mod datapath {
         );
         let _ = writeln!(
             s,
-            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | p99 added vs direct (ms) | new conns/s (Connection: close) | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy CPU µs per new conn (both sides) | proxy RSS MiB (both sides, after the req/s run) | idle RSS MiB (client + server side) | RSS KiB per idle conn ({conns} held; client + server side) | errors |"
+            "| path | req/s (16 conns, keep-alive, 1 KiB) | p50 ms @1000 req/s | p99 ms @1000 req/s | p99 added vs direct (ms) | new conns/s (Connection: close) | µs per new conn, 1 client | bulk 1 MiB, 1 stream (Gbit/s) | proxy CPU µs/req (both sides) | proxy CPU µs per new conn (both sides) | proxy RSS MiB (both sides, after the req/s run) | idle RSS MiB (client + server side) | RSS KiB per idle conn ({conns} held; client + server side) | errors |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for p in paths {
             let mut row = format!("| {} ", p.name);
             let cell = |row: &mut String, f: &str| {
@@ -809,7 +865,7 @@ mod datapath {
             }
             let added = med(p.name, "p99") - med("direct", "p99");
             let _ = write!(row, "| {} ", fmt_val("p99", added));
-            for f in ["cps", "bulk", "cpu", "cpuc", "rss"] {
+            for f in ["cps", "conn1", "bulk", "cpu", "cpuc", "rss"] {
                 cell(&mut row, f);
             }
             let sides = idle.get(p.name).map_or(&[][..], Vec::as_slice);
@@ -1007,6 +1063,15 @@ mod datapath {
             resumption: true,
             note: "auto (QUIC here: UDP is open)",
         },
+    ];
+
+    /// The `--dp-b` twins of `WEFT`: (path, mesh).
+    const WEFT_B: [(&str, &str); 5] = [
+        ("weft-b", "default-b"),
+        ("weft-full-b", "full-b"),
+        ("weft-pooled-b", "pooled-b"),
+        ("weft-quic-b", "quic-b"),
+        ("weft-auto-b", "auto-b"),
     ];
 
     fn mesh_yaml(name: &str, transport: &str) -> String {

@@ -1,0 +1,175 @@
+//! Failover for streams opened without waiting for the peer's answer.
+//!
+//! Pooled-TLS and QUIC streams carry the client's first bytes right behind their header: the
+//! peer's answer (accepted, or refused) comes back with, or just before, the service's reply,
+//! and the connection costs no extra round trip between the dataplanes. If the peer refuses
+//! the stream, or does not answer in time, it forwarded nothing (it connects to its service
+//! only to accept) and the connection can go to another endpoint — as long as what the client
+//! sent is still here. [`Replay`] keeps it: every byte written upstream, until the first byte
+//! comes back (the peer answered; the service replied) or [`REPLAY_MAX`] is passed (then a
+//! refusal resets the client, as any failure of an established connection does).
+//!
+//! The one case where a replay can deliver bytes twice: the peer accepted and forwarded, and
+//! its answer then took longer than the answer timeout to arrive (a path that went silent
+//! right then), as with TLS 1.3 early data.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::transport::unanswered;
+
+/// The most a client may send before the answer that is kept for a replay.
+pub(crate) const REPLAY_MAX: usize = 64 * 1024;
+
+/// An upstream stream that keeps what was written until the first byte is read back.
+pub(crate) struct Replay<S> {
+    up: S,
+    sent: Vec<u8>,
+    keeping: bool,
+    /// The last write was pending: the writer still holds bytes `sent` does not have.
+    stuck: bool,
+}
+
+impl<S> Replay<S> {
+    /// Wraps `up`; `keep`: whether its peer may still refuse it (otherwise a pass-through).
+    pub(crate) fn new(up: S, keep: bool) -> Self {
+        Replay {
+            up,
+            sent: Vec::new(),
+            keeping: keep,
+            stuck: false,
+        }
+    }
+
+    /// Everything written so far, if it was all kept and none of it is still with the
+    /// writer.
+    pub(crate) fn into_replay(self) -> Option<Vec<u8>> {
+        (self.keeping && !self.stuck).then_some(self.sent)
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        if !self.keeping {
+            return;
+        }
+        if self.sent.len() + bytes.len() > REPLAY_MAX {
+            self.stop();
+        } else {
+            self.sent.extend_from_slice(bytes);
+        }
+    }
+
+    fn stop(&mut self) {
+        self.keeping = false;
+        self.sent = Vec::new();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.up).poll_read(cx, buf))?;
+        // Data or EOF: the peer answered, nothing will be replayed.
+        if self.keeping {
+            self.stop();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.up).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                self.stuck = false;
+                self.keep(&buf[..n]);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => {
+                self.stuck = false;
+                if unanswered(&e).is_some() {
+                    // The copy drops what it could not write: keep it for the replay.
+                    self.keep(buf);
+                }
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                self.stuck = true;
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.up).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.up).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn keeps_what_was_written_until_the_first_byte_back() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut r = Replay::new(a, true);
+        r.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        r.write_all(b"\r\n").await.unwrap();
+        assert_eq!(
+            r.into_replay().as_deref(),
+            Some(&b"GET / HTTP/1.1\r\n\r\n"[..])
+        );
+
+        let (a, mut c) = tokio::io::duplex(1 << 20);
+        let mut r = Replay::new(a, true);
+        r.write_all(b"request").await.unwrap();
+        c.write_all(b"reply").await.unwrap();
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).await.unwrap();
+        assert!(r.into_replay().is_none(), "answered: nothing to replay");
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keeps_nothing_past_the_limit_or_when_told_not_to() {
+        let (a, _b) = tokio::io::duplex(4 * REPLAY_MAX);
+        let mut r = Replay::new(a, true);
+        r.write_all(&vec![1; REPLAY_MAX]).await.unwrap();
+        r.write_all(b"x").await.unwrap();
+        assert!(r.into_replay().is_none());
+
+        let (a, _b) = tokio::io::duplex(1024);
+        let mut r = Replay::new(a, false);
+        r.write_all(b"x").await.unwrap();
+        assert!(r.into_replay().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pending_write_means_bytes_are_elsewhere() {
+        // The peer takes 4 bytes; the writer keeps the rest of a 10-byte write.
+        let (a, _b) = tokio::io::duplex(4);
+        let mut r = Replay::new(a, true);
+        let blocked = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            r.write_all(b"0123456789"),
+        )
+        .await;
+        assert!(blocked.is_err(), "the duplex should have filled up");
+        assert!(r.into_replay().is_none());
+    }
+}
