@@ -65,15 +65,19 @@ pub struct ProxyMetrics {
     pub bytes_from_upstream: Family<ListenerLabels, Counter>,
     /// TLS handshakes that failed (bad, expired, foreign or missing certificate; timeouts).
     pub tls_failures: Family<ListenerLabels, Counter>,
-    /// Upstream connects that failed (each attempt).
+    /// Upstream connects that failed, or streams the peer refused or did not answer (each
+    /// attempt).
     pub connect_failures: Family<ListenerLabels, Counter>,
-    /// Time to connect to the upstream (TCP, plus TLS for outbounds), seconds.
+    /// Time to connect to the upstream (TCP, plus TLS for outbounds; for pooled and QUIC
+    /// streams, until the stream is open, not until the peer's answer), seconds.
     pub connect_seconds: HistogramFamily,
-    /// Proxied connections carried as QUIC streams.
+    /// Proxied connections carried as QUIC streams (outbound: streams opened, a refused one
+    /// included).
     pub quic_streams: Family<ListenerLabels, Counter>,
     /// TLS handshakes that resumed an earlier session.
     pub tls_resumed: Family<ListenerLabels, Counter>,
-    /// Proxied connections carried as HTTP/2 streams of a pooled TLS connection.
+    /// Proxied connections carried as HTTP/2 streams of a pooled TLS connection (outbound:
+    /// streams opened, a refused one included).
     pub pooled_streams: Family<ListenerLabels, Counter>,
 }
 
@@ -151,7 +155,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "weft_dp_upstream_connect_failures",
-            "Upstream connection attempts that failed",
+            "Upstream connection attempts that failed, or whose stream the peer refused or did not answer",
             m.connect_failures.clone(),
         );
         registry.register(
@@ -161,7 +165,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "weft_dp_quic_streams",
-            "Proxied connections carried as streams of a QUIC connection between dataplanes",
+            "Proxied connections carried as streams of a QUIC connection between dataplanes (outbound: streams opened, refused ones included)",
             m.quic_streams.clone(),
         );
         registry.register(
@@ -171,7 +175,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "weft_dp_pooled_streams",
-            "Proxied connections carried as HTTP/2 streams of a pooled TLS connection between dataplanes",
+            "Proxied connections carried as HTTP/2 streams of a pooled TLS connection between dataplanes (outbound: streams opened, refused ones included)",
             m.pooled_streams.clone(),
         );
         m

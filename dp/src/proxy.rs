@@ -695,7 +695,7 @@ impl OutboundListener {
             let (up, via) = match r {
                 Ok(ok) => ok,
                 Err(e) => {
-                    if !self.failed(&state, slot, &e) {
+                    if !self.failed(&state, slot, &e, true) {
                         return Ok(());
                     }
                     i += 1;
@@ -706,24 +706,29 @@ impl OutboundListener {
                 .connect_seconds
                 .observe(t0.elapsed().as_secs_f64());
             match via {
-                Via::Quic => {
-                    self.metrics.quic_streams.inc();
-                }
-                Via::Tls { resumed: true } => {
-                    self.metrics.tls_resumed.inc();
-                }
-                Via::Pooled => {
-                    self.metrics.pooled_streams.inc();
-                }
-                Via::Tls { resumed: false } | Via::Tcp => {}
-            }
+                Via::Quic => self.metrics.quic_streams.inc(),
+                Via::Tls { resumed: true } => self.metrics.tls_resumed.inc(),
+                Via::Pooled => self.metrics.pooled_streams.inc(),
+                Via::Tls { resumed: false } | Via::Tcp => 0,
+            };
             // Pooled and QUIC streams are answered after the client's first bytes went out.
             let mut up = replay::Replay::new(up, matches!(via, Via::Quic | Via::Pooled));
             slot.active.fetch_add(1, Ordering::Relaxed);
             let copied = async {
-                if !replay.is_empty() {
-                    up.write_all(&replay).await?;
+                // What an earlier endpoint refused goes first (bounded: nothing reads the
+                // answer meanwhile, so a wedged peer must not hold the client forever).
+                let earlier = std::mem::take(&mut replay);
+                if !earlier.is_empty() {
+                    tokio::time::timeout(CONNECT_TIMEOUT, up.write_all(&earlier))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "replaying to the next endpoint timed out",
+                            ))
+                        })?;
                 }
+                drop(earlier);
                 splice(&mut tcp, &mut up).await
             }
             .await;
@@ -747,26 +752,37 @@ impl OutboundListener {
             });
             let Some(sent) = up.into_replay() else {
                 // More than can be replayed went out: fail like an established connection.
+                if !self.failed(&state, slot, why, false) {
+                    return Ok(());
+                }
                 let _ = tcp.set_zero_linger();
                 return Err(e);
             };
-            if !self.failed(&state, slot, why) {
-                return Ok(());
-            }
             replay = sent;
             if same && !again {
+                // `auto` falling back to pooled TLS, or a fresh pooled connection: the same
+                // endpoint once more, not counted as a failure.
+                debug!(service = %state.service, endpoint = %slot.address, error = %why, "stream unanswered; trying the same endpoint again");
                 again = true;
-            } else {
-                i += 1;
+                continue;
             }
+            if !self.failed(&state, slot, why, true) {
+                return Ok(());
+            }
+            i += 1;
+        }
+        if !replay.is_empty() {
+            // The client's bytes reached no service: a reset, not a clean close.
+            let _ = tcp.set_zero_linger();
         }
         warn!(service = %state.service, "every endpoint tried failed");
         Ok(())
     }
 
-    /// Counts and logs a failed attempt on `slot`; whether another endpoint may be tried
-    /// (not when the peer denied the client: no other will say otherwise).
-    fn failed(&self, state: &OutboundState, slot: &Slot, e: &Upstream) -> bool {
+    /// Counts and logs a failed attempt on `slot` (`next`: whether another endpoint can be
+    /// tried); whether it may be (not when the peer denied the client: no other will say
+    /// otherwise).
+    fn failed(&self, state: &OutboundState, slot: &Slot, e: &Upstream, next: bool) -> bool {
         if matches!(e, Upstream::Refused(quic::Refusal::Denied)) {
             warn!(service = %state.service, endpoint = %slot.address, "denied by the peer's traffic permissions");
             return false;
@@ -775,7 +791,11 @@ impl OutboundListener {
         if matches!(e, Upstream::Tls(_)) {
             self.metrics.tls_failures.inc();
         }
-        warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream connect failed; trying another endpoint");
+        if next {
+            warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream connect failed; trying another endpoint");
+        } else {
+            warn!(service = %state.service, endpoint = %slot.address, error = %e, "upstream refused the stream after more than can be replayed; resetting the client");
+        }
         true
     }
 }

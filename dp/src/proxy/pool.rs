@@ -112,13 +112,40 @@ impl H2Stream {
                 StatusCode::SERVICE_UNAVAILABLE => Refusal::Unavailable,
                 other => Refusal::Other(u32::from(other.as_u16())),
             }),
-            Ok(Err(e)) => Upstream::Connect(h2_io(e)),
+            // Not taken (refused, or above a graceful GOAWAY's last stream), or the connection
+            // was lost before any answer.
+            Ok(Err(e))
+                if e.reason() == Some(Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR))
+                    || e.is_io() =>
+            {
+                Upstream::Connect(h2_io(e))
+            }
+            // Reset: possibly after an acceptance whose 200 it overtook; not replayable.
+            Ok(Err(e)) => return Poll::Ready(Err(h2_io(e))),
             Err(_) => Upstream::Connect(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no answer to CONNECT",
             )),
         };
         Poll::Ready(Err(Unanswered::io(why)))
+    }
+
+    /// A write or shutdown failed with `e`: if the answer is still awaited and has come (a
+    /// refusal closes the stream), the answer, which says whether anything was forwarded.
+    fn failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        if self.answer.is_some()
+            && let Poll::Ready(Err(answer)) = self.poll_answer(cx)
+        {
+            return answer;
+        }
+        e
+    }
+}
+
+impl super::transport::Stream for H2Stream {
+    fn answered(&self) -> bool {
+        self.answer.is_none()
     }
 }
 
@@ -167,27 +194,21 @@ impl AsyncWrite for H2Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = self.as_mut().write_data(cx, buf);
-        if let Poll::Ready(Err(e)) = r {
-            // Refused before the answer was read (a refusal resets the stream): the answer
-            // says why, and that nothing was forwarded.
-            if self.answer.is_some()
-                && let Poll::Ready(Err(refused)) = self.poll_answer(cx)
-            {
-                return Poll::Ready(Err(refused));
-            }
-            return Poll::Ready(Err(e));
+        match self.as_mut().write_data(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.failed(cx, e))),
+            r => r,
         }
-        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.finished {
-            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            if let Err(e) = self.send.send_data(Bytes::new(), true) {
+                return Poll::Ready(Err(self.failed(cx, h2_io(e))));
+            }
             self.finished = true;
         }
         Poll::Ready(Ok(()))
@@ -291,7 +312,8 @@ impl PoolClient {
             .map_err(|e| Upstream::Connect(io::Error::other(e)))?;
         let key: Key = (address.to_owned(), service.to_owned(), tls.generation);
         let mut last = None;
-        // A pooled connection may have gone away (GOAWAY, peer restart): one fresh retry.
+        // A pooled connection may have gone away (GOAWAY, peer restart): one fresh retry. (Once
+        // the request is out, failures come back through the stream: `Dialer::unanswered`.)
         for _ in 0..2 {
             let cell = self.pool.slot(&key, |k, _| k.2 == tls.generation);
             let sender = cell

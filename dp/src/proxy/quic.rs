@@ -283,7 +283,8 @@ impl QuicClient {
     }
 
     /// Opens a stream to the inbound `peer` serving `service`: connects (or reuses the pooled
-    /// connection), sends the header and waits for the server to accept.
+    /// connection) and sends the header. The server's answer is read by the stream's first
+    /// read; the client's bytes may follow the header at once.
     pub async fn open(
         &self,
         peer: SocketAddr,
@@ -328,13 +329,15 @@ impl QuicClient {
     }
 }
 
-/// Why a server refused a stream.
-fn refusal(c: VarInt) -> Refusal {
-    match u32::try_from(c.into_inner()).unwrap_or(u32::MAX) {
-        code::DENIED => Refusal::Denied,
-        code::DRAINING => Refusal::Draining,
-        code::UNAVAILABLE => Refusal::Unavailable,
-        other => Refusal::Other(other),
+/// The refusal a reset code means, if it is one: a server resets with these before it
+/// accepts, never after ([`code::RESET`] comes only after an acceptance).
+fn refused(c: VarInt) -> Option<Refusal> {
+    match u32::try_from(c.into_inner()).ok()? {
+        code::DENIED => Some(Refusal::Denied),
+        code::DRAINING => Some(Refusal::Draining),
+        code::UNAVAILABLE => Some(Refusal::Unavailable),
+        code::BAD_HEADER => Some(Refusal::Other(code::BAD_HEADER)),
+        _ => None,
     }
 }
 
@@ -385,13 +388,29 @@ impl QuicStream {
                 return Poll::Ready(Ok(()));
             }
             Poll::Ready(Ok(1)) => {
-                Upstream::Connect(io::Error::other(format!("unexpected answer {}", byte[0])))
+                return Poll::Ready(Err(io::Error::other(format!(
+                    "unexpected answer {}",
+                    byte[0]
+                ))));
             }
-            Poll::Ready(Ok(_)) => Upstream::Connect(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "stream finished without an answer",
-            )),
-            Poll::Ready(Err(quinn::ReadError::Reset(c))) => Upstream::Refused(refusal(c)),
+            Poll::Ready(Ok(_)) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream finished without an answer",
+                )));
+            }
+            Poll::Ready(Err(quinn::ReadError::Reset(c))) => match refused(c) {
+                Some(r) => Upstream::Refused(r),
+                // A reset after an acceptance it overtook (quinn drops unread data on a
+                // reset): bytes may have been forwarded, no replay.
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("stream reset with code {c}"),
+                    )));
+                }
+            },
+            // The connection was lost before any answer.
             Poll::Ready(Err(e)) => Upstream::Connect(io::Error::other(e)),
             Poll::Pending => {
                 ready!(deadline.as_mut().poll(cx));
@@ -402,6 +421,12 @@ impl QuicStream {
             }
         };
         Poll::Ready(Err(Unanswered::io(why)))
+    }
+}
+
+impl super::transport::Stream for QuicStream {
+    fn answered(&self) -> bool {
+        self.answer.is_none()
     }
 }
 
@@ -433,17 +458,25 @@ impl tokio::io::AsyncWrite for QuicStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Err(e)) = r {
+        let Poll::Ready(Err(e)) = r else { return r };
+        if self.answer.is_some() {
             // Refused before the answer was read (a refusal stops our half too): the answer
-            // says why, and that nothing was forwarded.
-            if self.answer.is_some()
-                && let Poll::Ready(Err(refused)) = self.poll_answer(cx)
-            {
-                return Poll::Ready(Err(refused));
+            // says why, and that nothing was forwarded; or the stop's code, if it came first.
+            if let Poll::Ready(Err(answer)) = self.poll_answer(cx) {
+                return Poll::Ready(Err(answer));
             }
-            return Poll::Ready(Err(e));
+            let stopped = match e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<quinn::WriteError>())
+            {
+                Some(quinn::WriteError::Stopped(c)) => refused(*c),
+                _ => None,
+            };
+            if let Some(r) = stopped {
+                return Poll::Ready(Err(Unanswered::io(Upstream::Refused(r))));
+            }
         }
-        r
+        Poll::Ready(Err(e))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -3,15 +3,16 @@
 //! Pooled-TLS and QUIC streams carry the client's first bytes right behind their header: the
 //! peer's answer (accepted, or refused) comes back with, or just before, the service's reply,
 //! and the connection costs no extra round trip between the dataplanes. If the peer refuses
-//! the stream, or does not answer in time, it forwarded nothing (it connects to its service
-//! only to accept) and the connection can go to another endpoint — as long as what the client
-//! sent is still here. [`Replay`] keeps it: every byte written upstream, until the first byte
-//! comes back (the peer answered; the service replied) or [`REPLAY_MAX`] is passed (then a
-//! refusal resets the client, as any failure of an established connection does).
+//! the stream it forwarded nothing (it forwards only once it accepted), and the connection can
+//! go to another endpoint — as long as what the client sent is still here. [`Replay`] keeps
+//! it: every byte written upstream until the peer's answer (then nothing is kept any more), up
+//! to [`REPLAY_MAX`] (past it a refusal resets the client, as any failure of an established
+//! connection does). What counts as unanswered: [`Unanswered`](super::transport::Unanswered).
 //!
-//! The one case where a replay can deliver bytes twice: the peer accepted and forwarded, and
-//! its answer then took longer than the answer timeout to arrive (a path that went silent
-//! right then), as with TLS 1.3 early data.
+//! Where a replay can deliver bytes twice: a peer that accepted and forwarded, and then went
+//! silent past the answer timeout or lost its connection before its answer arrived (a crash,
+//! a path cut right then) — as with TLS 1.3 early data. A refusal never does, nor does a peer
+//! that resets a stream it accepted (that reset is not replayed).
 
 use std::io;
 use std::pin::Pin;
@@ -19,12 +20,12 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::transport::unanswered;
+use super::transport::{Stream, unanswered};
 
 /// The most a client may send before the answer that is kept for a replay.
 pub(crate) const REPLAY_MAX: usize = 64 * 1024;
 
-/// An upstream stream that keeps what was written until the first byte is read back.
+/// An upstream stream that keeps what was written until its peer answers.
 pub(crate) struct Replay<S> {
     up: S,
     sent: Vec<u8>,
@@ -50,8 +51,16 @@ impl<S> Replay<S> {
         (self.keeping && !self.stuck).then_some(self.sent)
     }
 
-    fn keep(&mut self, bytes: &[u8]) {
+    fn keep(&mut self, bytes: &[u8])
+    where
+        S: Stream,
+    {
         if !self.keeping {
+            return;
+        }
+        if self.up.answered() {
+            // Accepted: nothing written from now on can be refused.
+            self.stop();
             return;
         }
         if self.sent.len() + bytes.len() > REPLAY_MAX {
@@ -67,7 +76,7 @@ impl<S> Replay<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+impl<S: Stream> AsyncRead for Replay<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -82,7 +91,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+impl<S: Stream> AsyncWrite for Replay<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -120,9 +129,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
     use super::*;
+
+    /// Never answered (as a pooled or QUIC stream before its answer).
+    impl Stream for DuplexStream {
+        fn answered(&self) -> bool {
+            false
+        }
+    }
 
     #[tokio::test]
     async fn keeps_what_was_written_until_the_first_byte_back() {
@@ -171,5 +187,62 @@ mod tests {
         .await;
         assert!(blocked.is_err(), "the duplex should have filled up");
         assert!(r.into_replay().is_none());
+    }
+
+    /// A stream that is answered once `answered` is set.
+    struct Answering {
+        io: DuplexStream,
+        answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Stream for Answering {
+        fn answered(&self) -> bool {
+            self.answered.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl AsyncRead for Answering {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Answering {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_nothing_once_the_peer_answered() {
+        let (io, _b) = tokio::io::duplex(1024);
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut r = Replay::new(
+            Answering {
+                io,
+                answered: answered.clone(),
+            },
+            true,
+        );
+        r.write_all(b"first").await.unwrap();
+        answered.store(true, std::sync::atomic::Ordering::SeqCst);
+        r.write_all(b"second").await.unwrap();
+        assert!(r.into_replay().is_none(), "accepted: nothing to replay");
     }
 }

@@ -35,11 +35,24 @@ pub const RETRY_QUIC_AFTER: Duration = Duration::from_secs(30);
 const QUIC_PEER_DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// A connected byte stream to another dataplane.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Whether the peer has accepted the stream: pooled and QUIC streams are written to before
+    /// their answer (see [`Unanswered`]); TCP and TLS streams are accepted once connected.
+    fn answered(&self) -> bool {
+        true
+    }
+}
+impl Stream for TcpStream {}
+impl Stream for tokio_rustls::client::TlsStream<TcpStream> {}
 
 /// A boxed [`Stream`].
 pub type BoxStream = Pin<Box<dyn Stream>>;
+
+impl Stream for BoxStream {
+    fn answered(&self) -> bool {
+        (**self).answered()
+    }
+}
 
 /// How a connection to another dataplane was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +79,17 @@ pub enum Upstream {
     /// The TLS handshake failed (the server's identity, chain or validity) or timed out.
     #[error("TLS: {0}")]
     Tls(io::Error),
-    /// The peer refused the stream (QUIC).
+    /// The peer refused the stream (pooled TLS, QUIC).
     #[error("{0}")]
     Refused(Refusal),
 }
 
 /// A stream's failure before its peer answered it (pooled TLS and QUIC streams carry the
-/// client's first bytes without waiting for the answer): the peer refused — and then forwarded
-/// nothing — or did not answer within its answer timeout. The connection may go to another
-/// endpoint, replaying what the client had sent.
+/// client's first bytes without waiting for the answer): the peer refused it — and forwarded
+/// nothing — or did not take it (HTTP/2 `REFUSED_STREAM`, GOAWAY), or its connection was lost
+/// or went silent past the answer timeout before any answer. The connection may go to another
+/// endpoint, replaying what the client had sent ([`super::replay`]). A stream the peer reset
+/// otherwise is not `Unanswered`: a reset may follow an acceptance whose answer it overtook.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Unanswered(pub Upstream);
@@ -207,8 +222,8 @@ impl Dialer {
     /// what waiting for the answer would have done: a connection that does not answer takes
     /// no new streams (nor does a QUIC connection whose peer is draining); a QUIC peer that
     /// does not answer is left alone for a while (`quic`) or reached over pooled TLS (`auto`,
-    /// logged once). Returns whether the same endpoint is worth one more try: over a fresh
-    /// pooled connection, or over pooled TLS for `auto`.
+    /// logged once). Returns whether the same endpoint is worth one more try (not counted as
+    /// a failed attempt): over a fresh pooled connection, or over pooled TLS for `auto`.
     pub fn unanswered(
         &self,
         transport: Transport,
@@ -220,7 +235,8 @@ impl Dialer {
     ) -> bool {
         let timeout = timed_out(why);
         match via {
-            Via::Pooled if timeout => {
+            // Silent, lost or going away: a fresh connection to the same peer, once.
+            Via::Pooled if matches!(why, Upstream::Connect(_)) => {
                 self.pool.forget(address, service, tls);
                 true
             }

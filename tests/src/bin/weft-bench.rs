@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -122,8 +123,14 @@ struct AgentArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Datapath(a) => datapath::run(a),
-        Cmd::Cp(a) => cp::run(a),
+        Cmd::Datapath(a) => {
+            watch_signals();
+            datapath::run(a)
+        }
+        Cmd::Cp(a) => {
+            watch_signals();
+            cp::run(a)
+        }
         Cmd::CpAgent(a) => agent::run(a),
         Cmd::Load(a) => client::load(a),
         Cmd::Hold(a) => client::hold(a),
@@ -139,6 +146,42 @@ fn main() -> ExitCode {
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
+
+/// Set by SIGTERM or SIGINT: the run stops at its next measurement with an error, so that the
+/// testbed (namespaces, processes) is dropped and cleaned up rather than left behind.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Watches for SIGTERM and SIGINT (a second one exits at once).
+fn watch_signals() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            eprintln!("weft-bench: stopping at the next measurement, then cleaning up");
+            STOP.store(true, Ordering::SeqCst);
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            std::process::exit(130);
+        });
+    });
+}
+
+/// An error once a signal asked the run to stop.
+fn stopping() -> Result<()> {
+    ensure!(!STOP.load(Ordering::SeqCst), "stopped by a signal");
+    Ok(())
+}
 
 fn bin_dir(c: &Common) -> Result<PathBuf> {
     match &c.bin_dir {
@@ -688,6 +731,7 @@ mod datapath {
 
         let mut results: BTreeMap<&'static str, Vec<Round>> = BTreeMap::new();
         for round in 0..rounds {
+            stopping()?;
             let mut this: BTreeMap<&'static str, Round> = BTreeMap::new();
             // Figure by figure, the paths alternate: A B C … A B C …
             for p in &paths {
@@ -1332,6 +1376,7 @@ mod datapath {
         secs: u64,
         close: bool,
     ) -> Result<Wrk> {
+        stopping()?;
         let mut args: Vec<String> = vec![
             wrk.display().to_string(),
             "-t1".into(),
@@ -1519,6 +1564,7 @@ mod cp {
             .max(1);
         let mut results = Vec::with_capacity(rounds);
         for r in 0..rounds {
+            stopping()?;
             let round = one_round(&bins, n, a.threads)?;
             eprintln!(
                 "weft-bench cp: round {}/{rounds}: registered in {:.2} s, change ACKed p99 {:.0} ms, {:.1} KiB per dataplane",
