@@ -331,7 +331,7 @@ impl QuicClient {
 
 /// The refusal a reset code means, if it is one: a server resets with these before it
 /// accepts, never after ([`code::RESET`] comes only after an acceptance).
-fn refused(c: VarInt) -> Option<Refusal> {
+pub(crate) fn refused(c: VarInt) -> Option<Refusal> {
     match u32::try_from(c.into_inner()).ok()? {
         code::DENIED => Some(Refusal::Denied),
         code::DRAINING => Some(Refusal::Draining),

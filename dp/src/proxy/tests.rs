@@ -91,3 +91,18 @@ async fn connection_futures_stay_small() {
         "an outbound connection's future is {size} bytes"
     );
 }
+
+/// Only the codes a QUIC server resets with before it accepts a stream are refusals (and so
+/// replayable elsewhere); a reset after an acceptance (`RESET`) or an unknown code is not.
+#[test]
+fn only_codes_sent_before_acceptance_are_refusals() {
+    use quic::{Refusal, code, refused};
+    use quinn::VarInt;
+    let r = |c: u32| refused(VarInt::from_u32(c));
+    assert_eq!(r(code::DENIED), Some(Refusal::Denied));
+    assert_eq!(r(code::UNAVAILABLE), Some(Refusal::Unavailable));
+    assert_eq!(r(code::DRAINING), Some(Refusal::Draining));
+    assert_eq!(r(code::BAD_HEADER), Some(Refusal::Other(code::BAD_HEADER)));
+    assert_eq!(r(code::RESET), None);
+    assert_eq!(r(77), None);
+}
