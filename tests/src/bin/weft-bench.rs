@@ -575,16 +575,9 @@ mod datapath {
         // transport is per mesh), on its own ports.
         let mut meshes: Vec<&'static str> = Vec::new();
         for (k, v) in WEFT.iter().enumerate().filter(|(_, v)| want(v.path)) {
-            for (b, bin) in [(false, None), (true, a.dp_b.as_deref())] {
-                if b && bin.is_none() {
-                    continue;
-                }
-                let (path, mesh_name) = if b {
-                    (WEFT_B[k].0, WEFT_B[k].1)
-                } else {
-                    (v.path, v.mesh)
-                };
-                let port = 10 * k + if b { 5 } else { 0 };
+            for bin in std::iter::once(None).chain(a.dp_b.as_deref().map(Some)) {
+                let (path, mesh_name) = if bin.is_some() { v.b } else { (v.path, v.mesh) };
+                let port = 10 * k + if bin.is_some() { 5 } else { 0 };
                 let (inbound, outbound) = (10002 + port, 20001 + port);
                 mesh.apply(
                     &format!("mesh-{mesh_name}"),
@@ -1065,6 +1058,8 @@ mod datapath {
     struct Variant {
         path: &'static str,
         mesh: &'static str,
+        /// Path and mesh of its `--dp-b` twin.
+        b: (&'static str, &'static str),
         transport: &'static str,
         resumption: bool,
         note: &'static str,
@@ -1075,6 +1070,7 @@ mod datapath {
         Variant {
             path: "weft",
             mesh: "default",
+            b: ("weft-b", "default-b"),
             transport: "tls",
             resumption: true,
             note: "TLS over TCP per connection, sessions resumed (the default)",
@@ -1082,6 +1078,7 @@ mod datapath {
         Variant {
             path: "weft-full",
             mesh: "full",
+            b: ("weft-full-b", "full-b"),
             transport: "tls",
             resumption: false,
             note: "TLS over TCP per connection, full handshakes (`--tls-resumption false`)",
@@ -1089,6 +1086,7 @@ mod datapath {
         Variant {
             path: "weft-pooled",
             mesh: "pooled",
+            b: ("weft-pooled-b", "pooled-b"),
             transport: "pooled",
             resumption: true,
             note: "pooled TLS: HTTP/2 CONNECT streams over one mTLS connection",
@@ -1096,6 +1094,7 @@ mod datapath {
         Variant {
             path: "weft-quic",
             mesh: "quic",
+            b: ("weft-quic-b", "quic-b"),
             transport: "quic",
             resumption: true,
             note: "QUIC: streams over one connection",
@@ -1103,19 +1102,11 @@ mod datapath {
         Variant {
             path: "weft-auto",
             mesh: "auto",
+            b: ("weft-auto-b", "auto-b"),
             transport: "auto",
             resumption: true,
             note: "auto (QUIC here: UDP is open)",
         },
-    ];
-
-    /// The `--dp-b` twins of `WEFT`: (path, mesh).
-    const WEFT_B: [(&str, &str); 5] = [
-        ("weft-b", "default-b"),
-        ("weft-full-b", "full-b"),
-        ("weft-pooled-b", "pooled-b"),
-        ("weft-quic-b", "quic-b"),
-        ("weft-auto-b", "auto-b"),
     ];
 
     fn mesh_yaml(name: &str, transport: &str) -> String {
