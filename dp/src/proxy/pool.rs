@@ -144,8 +144,10 @@ impl H2Stream {
 }
 
 impl super::transport::Stream for H2Stream {
+    /// Accepted: the answer came and was a 200 (a refusal also ends the wait, but leaves no
+    /// body to read).
     fn answered(&self) -> bool {
-        self.answer.is_none()
+        self.answer.is_none() && self.recv.is_some()
     }
 }
 

@@ -30,8 +30,9 @@ pub(crate) struct Replay<S> {
     up: S,
     sent: Vec<u8>,
     keeping: bool,
-    /// The last write was pending: the writer still holds bytes `sent` does not have.
-    stuck: bool,
+    /// The last write was pending: its bytes, still the writer's (it offers them again), are
+    /// the last `held` of `sent` — kept, since a failure then drops them with the writer.
+    held: usize,
 }
 
 impl<S> Replay<S> {
@@ -41,14 +42,13 @@ impl<S> Replay<S> {
             up,
             sent: Vec::new(),
             keeping: keep,
-            stuck: false,
+            held: 0,
         }
     }
 
-    /// Everything written so far, if it was all kept and none of it is still with the
-    /// writer.
+    /// Everything written so far (or offered by a write still pending), if it was all kept.
     pub(crate) fn into_replay(self) -> Option<Vec<u8>> {
-        (self.keeping && !self.stuck).then_some(self.sent)
+        self.keeping.then_some(self.sent)
     }
 
     fn keep(&mut self, bytes: &[u8])
@@ -72,6 +72,7 @@ impl<S> Replay<S> {
 
     fn stop(&mut self) {
         self.keeping = false;
+        self.held = 0;
         self.sent = Vec::new();
     }
 }
@@ -97,14 +98,18 @@ impl<S: Stream> AsyncWrite for Replay<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // A pending write's bytes are offered again: drop the tentative copy first.
+        if self.held > 0 {
+            let len = self.sent.len() - self.held;
+            self.sent.truncate(len);
+            self.held = 0;
+        }
         match Pin::new(&mut self.up).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
-                self.stuck = false;
                 self.keep(&buf[..n]);
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => {
-                self.stuck = false;
                 if unanswered(&e).is_some() {
                     // The copy drops what it could not write: keep it for the replay.
                     self.keep(buf);
@@ -112,7 +117,12 @@ impl<S: Stream> AsyncWrite for Replay<S> {
                 Poll::Ready(Err(e))
             }
             Poll::Pending => {
-                self.stuck = true;
+                // Kept tentatively: if the stream fails before the write completes (a refusal
+                // while HTTP/2 waits for send capacity), the writer drops these bytes.
+                self.keep(buf);
+                if self.keeping {
+                    self.held = buf.len();
+                }
                 Poll::Pending
             }
         }
@@ -176,8 +186,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pending_write_means_bytes_are_elsewhere() {
-        // The peer takes 4 bytes; the writer keeps the rest of a 10-byte write.
+    async fn a_pending_write_is_kept_once() {
+        // The peer takes 4 bytes; the rest of a 10-byte write stays pending (offered again at
+        // each poll): it is in the replay once, as the writer would drop it on a failure.
         let (a, _b) = tokio::io::duplex(4);
         let mut r = Replay::new(a, true);
         let blocked = tokio::time::timeout(
@@ -186,7 +197,7 @@ mod tests {
         )
         .await;
         assert!(blocked.is_err(), "the duplex should have filled up");
-        assert!(r.into_replay().is_none());
+        assert_eq!(r.into_replay().as_deref(), Some(&b"0123456789"[..]));
     }
 
     /// A stream that is answered once `answered` is set.
