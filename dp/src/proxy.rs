@@ -741,14 +741,21 @@ impl OutboundListener {
                 }
                 Err(e) => e,
             };
-            let Some(why) = transport::unanswered(&e) else {
+            let Some(unanswered) = transport::unanswered(&e) else {
                 // The far side failed or was reset: reset the client too.
                 let _ = tcp.set_zero_linger();
                 return Err(e);
             };
+            let why = &unanswered.why;
             let same = tls.as_ref().is_some_and(|t| {
-                self.dialer
-                    .unanswered(state.transport, &slot.address, &state.service, t, via, why)
+                self.dialer.unanswered(
+                    state.transport,
+                    &slot.address,
+                    &state.service,
+                    t,
+                    via,
+                    unanswered,
+                )
             });
             let Some(sent) = up.into_replay() else {
                 // More than can be replayed went out: fail like an established connection.

@@ -32,9 +32,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::quic::Refusal;
-use super::shared::Shared;
+use super::shared::{Shared, Slot};
 use super::tls::TlsState;
-use super::transport::{BoxStream, Unanswered, Upstream, tcp_tls};
+use super::transport::{BoxStream, Conn, Unanswered, Upstream, tcp_tls};
 use super::{InboundState, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
 
@@ -73,16 +73,24 @@ pub(crate) struct H2Stream {
     recv: Option<RecvStream>,
     /// A client's stream until the answer: its first read waits for it, writes go ahead.
     answer: Option<Answer>,
+    /// A client's stream: its connection's slot in the pool (to evict it if unanswered).
+    slot: Option<Slot<Sender>>,
     pending: Bytes,
     finished: bool,
 }
 
 impl H2Stream {
-    fn new(send: SendStream<Bytes>, recv: Option<RecvStream>, answer: Option<Answer>) -> H2Stream {
+    fn new(
+        send: SendStream<Bytes>,
+        recv: Option<RecvStream>,
+        answer: Option<(Answer, Slot<Sender>)>,
+    ) -> H2Stream {
+        let (answer, slot) = answer.unzip();
         H2Stream {
             send,
             recv,
             answer,
+            slot,
             pending: Bytes::new(),
             finished: false,
         }
@@ -128,7 +136,8 @@ impl H2Stream {
                 "no answer to CONNECT",
             )),
         };
-        Poll::Ready(Err(Unanswered::io(why)))
+        let conn = Conn::Pooled(self.slot.clone().expect("a client's stream has its slot"));
+        Poll::Ready(Err(Unanswered::io(why, conn)))
     }
 
     /// A write or shutdown failed with `e`: if the answer is still awaited and has come (a
@@ -251,7 +260,7 @@ impl H2Stream {
 // Client side
 
 type Key = (String, String, u64);
-type Sender = h2::client::SendRequest<Bytes>;
+pub(crate) type Sender = h2::client::SendRequest<Bytes>;
 
 /// Opens streams to other dataplanes over pooled HTTP/2-over-mTLS connections.
 #[derive(Default)]
@@ -333,7 +342,7 @@ impl PoolClient {
             match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
                 Ok(Ok((response, send))) => {
                     let answer = Box::pin(tokio::time::timeout(ANSWER_TIMEOUT, response));
-                    return Ok(Box::pin(H2Stream::new(send, None, Some(answer))));
+                    return Ok(Box::pin(H2Stream::new(send, None, Some((answer, cell)))));
                 }
                 Ok(Err(e)) => last = Some(h2_io(e)),
                 Err(_) => {
@@ -350,11 +359,11 @@ impl PoolClient {
         })))
     }
 
-    /// Drops the pooled connection to `address` for `service` (it did not answer a stream):
-    /// the next stream connects afresh.
-    pub fn forget(&self, address: &str, service: &str, tls: &TlsState) {
-        self.pool
-            .remove(&(address.to_owned(), service.to_owned(), tls.generation));
+    /// Drops the pooled connection in `slot` to `address` for `service` (it did not answer a
+    /// stream) if it is still pooled: the next stream connects afresh.
+    pub(crate) fn forget(&self, address: &str, service: &str, tls: &TlsState, slot: &Slot<Sender>) {
+        let key = (address.to_owned(), service.to_owned(), tls.generation);
+        self.pool.forget(&key, slot);
     }
 }
 

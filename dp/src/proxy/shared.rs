@@ -44,15 +44,32 @@ impl<K: Eq + Hash + Clone, T> Shared<K, T> {
         }
     }
 
-    /// Forgets whatever is under `key`.
-    pub(crate) fn remove(&self, key: &K) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(key);
-    }
-
     /// Forgets every filled slot `matches` picks.
     pub(crate) fn forget_where(&self, matches: impl Fn(&T) -> bool) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, c| c.get().is_none_or(|t| !matches(t)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two streams of one connection fail: the first eviction's replacement survives the
+    /// second eviction, which names the old connection.
+    #[tokio::test]
+    async fn forgetting_a_replaced_connection_keeps_its_replacement() {
+        let pool: Shared<&str, u32> = Shared::default();
+        let keep = |_: &&str, _: &u32| true;
+        let old = pool.slot(&"peer", keep);
+        old.get_or_init(|| async { 1 }).await;
+        pool.forget(&"peer", &old);
+        let new = pool.slot(&"peer", keep);
+        assert_eq!(new.get(), None, "a fresh slot after the first eviction");
+        new.get_or_init(|| async { 2 }).await;
+        pool.forget(&"peer", &old);
+        let now = pool.slot(&"peer", keep);
+        assert!(Arc::ptr_eq(&now, &new), "the replacement is still pooled");
+        assert_eq!(now.get(), Some(&2));
     }
 }

@@ -106,3 +106,32 @@ fn only_codes_sent_before_acceptance_are_refusals() {
     assert_eq!(r(code::RESET), None);
     assert_eq!(r(77), None);
 }
+
+/// QUIC sockets get the buffers they ask for, up to what the kernel allows.
+#[test]
+fn quic_sockets_ask_for_big_buffers() {
+    let max = |name: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .expect("sysctl")
+            .trim()
+            .parse()
+            .expect("number")
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).expect("state");
+    let before = state.recv_buffer_size((&socket).into()).expect("size") / 2;
+    quic::socket_buffers(&socket);
+    // Linux reports twice the size set (its bookkeeping), the size capped at the sysctl.
+    let recv = state.recv_buffer_size((&socket).into()).expect("size") / 2;
+    let send = state.send_buffer_size((&socket).into()).expect("size") / 2;
+    assert_eq!(
+        recv,
+        quic::UDP_BUFFER.min(max("rmem_max")),
+        "receive buffer"
+    );
+    assert_eq!(send, quic::UDP_BUFFER.min(max("wmem_max")), "send buffer");
+    assert!(
+        recv > before || before >= quic::UDP_BUFFER,
+        "{before} → {recv}"
+    );
+}

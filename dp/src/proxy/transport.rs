@@ -22,8 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::pool::PoolClient;
+use super::pool::{self, PoolClient};
 use super::quic::{QuicClient, QuicError, Refusal};
+use super::shared::Slot;
 use super::tls::TlsState;
 use crate::model::Transport;
 
@@ -91,19 +92,43 @@ pub enum Upstream {
 /// endpoint, replaying what the client had sent ([`super::replay`]). A stream the peer reset
 /// otherwise is not `Unanswered`: a reset may follow an acceptance whose answer it overtook.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Unanswered(pub Upstream);
+#[error("{why}")]
+pub struct Unanswered {
+    /// Why.
+    pub why: Upstream,
+    /// The connection the stream went over.
+    pub conn: Conn,
+}
 
-impl Unanswered {
-    /// As the I/O error a stream returns.
-    pub fn io(why: Upstream) -> io::Error {
-        io::Error::other(Unanswered(why))
+/// The pooled connection an [`Unanswered`] stream went over: the one to evict if it does not
+/// answer — not whichever connection has taken its place in the pool meanwhile (when many
+/// streams time out at once, the first eviction's replacement must survive the others).
+pub enum Conn {
+    /// The pool's slot of an HTTP/2 connection.
+    Pooled(Slot<pool::Sender>),
+    /// A QUIC connection.
+    Quic(quinn::Connection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Pooled(_) => f.write_str("pooled"),
+            Conn::Quic(c) => write!(f, "QUIC {}", c.stable_id()),
+        }
     }
 }
 
-/// The reason, if `e` is a stream's [`Unanswered`] error.
-pub fn unanswered(e: &io::Error) -> Option<&Upstream> {
-    e.get_ref()?.downcast_ref::<Unanswered>().map(|u| &u.0)
+impl Unanswered {
+    /// As the I/O error a stream returns.
+    pub fn io(why: Upstream, conn: Conn) -> io::Error {
+        io::Error::other(Unanswered { why, conn })
+    }
+}
+
+/// `e`, if it is a stream's [`Unanswered`] error.
+pub fn unanswered(e: &io::Error) -> Option<&Unanswered> {
+    e.get_ref()?.downcast_ref::<Unanswered>()
 }
 
 /// Whether `why` is an answer timeout.
@@ -231,21 +256,21 @@ impl Dialer {
         service: &str,
         tls: &TlsState,
         via: Via,
-        why: &Upstream,
+        u: &Unanswered,
     ) -> bool {
-        let timeout = timed_out(why);
-        match via {
+        let (why, timeout) = (&u.why, timed_out(&u.why));
+        match (via, &u.conn) {
             // Silent, lost or going away: a fresh connection to the same peer, once.
-            Via::Pooled if matches!(why, Upstream::Connect(_)) => {
-                self.pool.forget(address, service, tls);
+            (Via::Pooled, Conn::Pooled(slot)) if matches!(why, Upstream::Connect(_)) => {
+                self.pool.forget(address, service, tls, slot);
                 true
             }
-            Via::Quic => {
+            (Via::Quic, Conn::Quic(conn)) => {
                 let Ok(peer) = address.parse::<SocketAddr>() else {
                     return false;
                 };
                 if timeout || matches!(why, Upstream::Refused(Refusal::Draining)) {
-                    self.quic.forget(peer, service, tls);
+                    self.quic.evict(conn);
                 }
                 if !timeout {
                     return false;

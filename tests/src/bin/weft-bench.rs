@@ -815,11 +815,28 @@ mod datapath {
                 );
             }
             for p in &paths {
+                let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
+                let cpu0: Vec<f64> = pids.iter().map(|&q| cpu_secs(q, tck)).collect();
+                let t0 = Instant::now();
+                let attached = attach(&p.procs, &format!("{}-bulk-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1m", p.base), 1, secs, false)?;
+                let wall = t0.elapsed().as_secs_f64();
+                detach(attached, Some(w.requests));
+                // Each proxy's share of a core during the run: which end limits a stream.
+                let busy: Vec<String> = pids
+                    .iter()
+                    .zip(&cpu0)
+                    .map(|(&q, c0)| format!("{:.0} %", (cpu_secs(q, tck) - c0) * 100.0 / wall))
+                    .collect();
                 let r = this.entry(p.name).or_default();
                 r.bulk_gbps = w.rps * ONE_MIB as f64 * 8.0 / 1e9;
                 r.errors += w.errors;
-                eprintln!("round {round} {}: {:.2} Gbit/s bulk", p.name, r.bulk_gbps);
+                eprintln!(
+                    "round {round} {}: {:.2} Gbit/s bulk; proxies busy (client, server): {}",
+                    p.name,
+                    r.bulk_gbps,
+                    busy.join(", ")
+                );
             }
             for (k, v) in this {
                 results.entry(k).or_default().push(v);
@@ -1312,7 +1329,8 @@ mod datapath {
     /// Profiling aid: with `WEFT_BENCH_ATTACH` set (a `sh -c` template, e.g.
     /// `perf stat -e 'syscalls:sys_enter_*' -p {pids} -o /tmp/{what}.txt`), that command runs
     /// in the root namespace, attached to the proxies' PIDs, for the length of each req/s and
-    /// new-conns/s run (`{what}` = `<path>-rps-<round>`, `<path>-cps-<round>`), and once when
+    /// new-conns/s and bulk run (`{what}` = `<path>-rps-<round>`, `<path>-cps-<round>`,
+    /// `<path>-bulk-<round>`), and once when
     /// they are idle (`<path>-idle`), after the warm-up (`<path>-base`) and while the idle connections are held
     /// (`<path>-<round>-hold`); it gets SIGINT when the run ends. It only observes
     /// processes: no traffic. The command runs in its own process group, which gets the SIGINT.
