@@ -73,7 +73,8 @@ pub(crate) struct H2Stream {
     recv: Option<RecvStream>,
     /// A client's stream until the answer: its first read waits for it, writes go ahead.
     answer: Option<Answer>,
-    /// A client's stream: its connection's slot in the pool (to evict it if unanswered).
+    /// A client's stream until accepted: its connection's slot in the pool (to evict that
+    /// connection if the stream goes unanswered).
     slot: Option<Slot<Sender>>,
     pending: Bytes,
     finished: bool,
@@ -113,6 +114,7 @@ impl H2Stream {
         let why = match r {
             Ok(Ok(response)) if response.status() == StatusCode::OK => {
                 self.recv = Some(response.into_body());
+                self.slot = None;
                 return Poll::Ready(Ok(()));
             }
             Ok(Ok(response)) => Upstream::Refused(match response.status() {
@@ -136,8 +138,11 @@ impl H2Stream {
                 "no answer to CONNECT",
             )),
         };
-        let conn = Conn::Pooled(self.slot.clone().expect("a client's stream has its slot"));
-        Poll::Ready(Err(Unanswered::io(why, conn)))
+        // (Only a client's stream awaits an answer, and it has its slot.)
+        Poll::Ready(Err(match self.slot.take() {
+            Some(slot) => Unanswered::io(why, Conn::Pooled(slot)),
+            None => io::Error::other(why),
+        }))
     }
 
     /// A write or shutdown failed with `e`: if the answer is still awaited and has come (a

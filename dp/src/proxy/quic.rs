@@ -317,8 +317,7 @@ impl QuicClient {
         };
         Ok(Box::pin(QuicStream {
             inner: stream,
-            conn,
-            answer: Some(Box::pin(tokio::time::sleep_until(deadline))),
+            answer: Some((Box::pin(tokio::time::sleep_until(deadline)), conn)),
             finished: false,
         }) as BoxStream)
     }
@@ -364,10 +363,9 @@ impl std::fmt::Display for Refusal {
 /// error and drops the stream; an unfinished send half is then reset, not finished).
 struct QuicStream {
     inner: Duplex,
-    /// The stream's connection (to evict it if unanswered).
-    conn: Connection,
     /// Until the server's answer has been read: its deadline. Writes go ahead meanwhile.
-    answer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its connection rides along, to evict it if the answer does not come.
+    answer: Option<(Pin<Box<tokio::time::Sleep>>, Connection)>,
     finished: bool,
 }
 
@@ -375,7 +373,7 @@ impl QuicStream {
     /// Reads the server's answer (a no-op once read): [`ACCEPTED`], or why not as an
     /// [`Unanswered`] error.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(deadline) = self.answer.as_mut() else {
+        let Some((deadline, _)) = self.answer.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let mut byte = [0u8; 1];
@@ -417,7 +415,11 @@ impl QuicStream {
                 ))
             }
         };
-        Poll::Ready(Err(Unanswered::io(why, Conn::Quic(self.conn.clone()))))
+        // The answer stays awaited: a refused stream was not accepted (`answered` says so).
+        Poll::Ready(Err(match &self.answer {
+            Some((_, conn)) => Unanswered::io(why, Conn::Quic(conn.clone())),
+            None => io::Error::other(why),
+        }))
     }
 }
 
@@ -469,8 +471,9 @@ impl tokio::io::AsyncWrite for QuicStream {
                 Some(quinn::WriteError::Stopped(c)) => refused(*c),
                 _ => None,
             };
-            if let Some(r) = stopped {
-                let conn = Conn::Quic(self.conn.clone());
+            // (Stopped with a refusal's code, and not accepted meanwhile.)
+            if let (Some(r), Some((_, conn))) = (stopped, &self.answer) {
+                let conn = Conn::Quic(conn.clone());
                 return Poll::Ready(Err(Unanswered::io(Upstream::Refused(r), conn)));
             }
         }
@@ -704,7 +707,7 @@ pub(crate) fn socket_buffers(socket: &std::net::UdpSocket) {
     let state = match quinn::udp::UdpSocketState::new(socket.into()) {
         Ok(s) => s,
         Err(e) => {
-            debug!(error = %e, "UDP socket state");
+            warn!(error = %e, "cannot set the QUIC socket's buffers");
             return;
         }
     };

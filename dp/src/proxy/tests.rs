@@ -119,7 +119,6 @@ fn quic_sockets_ask_for_big_buffers() {
     };
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let state = quinn::udp::UdpSocketState::new((&socket).into()).expect("state");
-    let before = state.recv_buffer_size((&socket).into()).expect("size") / 2;
     quic::socket_buffers(&socket);
     // Linux reports twice the size set (its bookkeeping), the size capped at the sysctl.
     let recv = state.recv_buffer_size((&socket).into()).expect("size") / 2;
@@ -130,8 +129,4 @@ fn quic_sockets_ask_for_big_buffers() {
         "receive buffer"
     );
     assert_eq!(send, quic::UDP_BUFFER.min(max("wmem_max")), "send buffer");
-    assert!(
-        recv > before || before >= quic::UDP_BUFFER,
-        "{before} → {recv}"
-    );
 }

@@ -243,7 +243,7 @@ impl Dialer {
         }
     }
 
-    /// After a stream [`connect`](Self::connect) opened over `via` failed unanswered (`why`),
+    /// After a stream [`connect`](Self::connect) opened over `via` failed unanswered (`u`),
     /// what waiting for the answer would have done: a connection that does not answer takes
     /// no new streams (nor does a QUIC connection whose peer is draining); a QUIC peer that
     /// does not answer is left alone for a while (`quic`) or reached over pooled TLS (`auto`,
@@ -266,12 +266,12 @@ impl Dialer {
                 true
             }
             (Via::Quic, Conn::Quic(conn)) => {
-                let Ok(peer) = address.parse::<SocketAddr>() else {
-                    return false;
-                };
                 if timeout || matches!(why, Upstream::Refused(Refusal::Draining)) {
                     self.quic.evict(conn);
                 }
+                let Ok(peer) = address.parse::<SocketAddr>() else {
+                    return false;
+                };
                 if !timeout {
                     return false;
                 }

@@ -816,26 +816,32 @@ mod datapath {
             }
             for p in &paths {
                 let pids: Vec<u32> = p.procs.iter().map(Proc::pid).collect();
+                let attached = attach(&p.procs, &format!("{}-bulk-{round}", p.name));
                 let cpu0: Vec<f64> = pids.iter().map(|&q| cpu_secs(q, tck)).collect();
                 let t0 = Instant::now();
-                let attached = attach(&p.procs, &format!("{}-bulk-{round}", p.name));
                 let w = wrk_run(&client, &wrk, &format!("{}/1m", p.base), 1, secs, false)?;
-                let wall = t0.elapsed().as_secs_f64();
-                detach(attached, Some(w.requests));
-                // Each proxy's share of a core during the run: which end limits a stream.
+                // Each proxy's share of a core during the run (wrk's start-up included): whether
+                // one end is what limits the stream.
                 let busy: Vec<String> = pids
                     .iter()
                     .zip(&cpu0)
-                    .map(|(&q, c0)| format!("{:.0} %", (cpu_secs(q, tck) - c0) * 100.0 / wall))
+                    .map(|(&q, c0)| {
+                        let share = (cpu_secs(q, tck) - c0) / t0.elapsed().as_secs_f64();
+                        format!("{:.0} %", share * 100.0)
+                    })
                     .collect();
+                detach(attached, Some(w.requests));
                 let r = this.entry(p.name).or_default();
                 r.bulk_gbps = w.rps * ONE_MIB as f64 * 8.0 / 1e9;
                 r.errors += w.errors;
+                let busy = if busy.is_empty() {
+                    String::new()
+                } else {
+                    format!("; proxies busy (client, server): {}", busy.join(", "))
+                };
                 eprintln!(
-                    "round {round} {}: {:.2} Gbit/s bulk; proxies busy (client, server): {}",
-                    p.name,
-                    r.bulk_gbps,
-                    busy.join(", ")
+                    "round {round} {}: {:.2} Gbit/s bulk{busy}",
+                    p.name, r.bulk_gbps
                 );
             }
             for (k, v) in this {
