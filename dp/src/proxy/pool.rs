@@ -72,10 +72,9 @@ pub(crate) struct H2Stream {
     /// `None` on a client's stream until the server's answer (or for good if it refused).
     recv: Option<RecvStream>,
     /// A client's stream until the answer: its first read waits for it, writes go ahead.
-    answer: Option<Answer>,
-    /// A client's stream until accepted: its connection's slot in the pool (to evict that
-    /// connection if the stream goes unanswered).
-    slot: Option<Slot<Sender>>,
+    /// Its connection's slot in the pool rides along, to evict that connection if the stream
+    /// goes unanswered.
+    answer: Option<(Answer, Slot<Sender>)>,
     pending: Bytes,
     finished: bool,
 }
@@ -86,12 +85,10 @@ impl H2Stream {
         recv: Option<RecvStream>,
         answer: Option<(Answer, Slot<Sender>)>,
     ) -> H2Stream {
-        let (answer, slot) = answer.unzip();
         H2Stream {
             send,
             recv,
             answer,
-            slot,
             pending: Bytes::new(),
             finished: false,
         }
@@ -100,7 +97,7 @@ impl H2Stream {
     /// Waits for the server's answer (a no-op once it came): 200, or the refusal as an
     /// [`Unanswered`] error.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(answer) = self.answer.as_mut() else {
+        let Some((mut answer, slot)) = self.answer.take() else {
             return Poll::Ready(match self.recv {
                 Some(_) => Ok(()),
                 None => Err(io::Error::new(
@@ -109,12 +106,13 @@ impl H2Stream {
                 )),
             });
         };
-        let r = ready!(answer.as_mut().poll(cx));
-        self.answer = None;
+        let Poll::Ready(r) = answer.as_mut().poll(cx) else {
+            self.answer = Some((answer, slot));
+            return Poll::Pending;
+        };
         let why = match r {
             Ok(Ok(response)) if response.status() == StatusCode::OK => {
                 self.recv = Some(response.into_body());
-                self.slot = None;
                 return Poll::Ready(Ok(()));
             }
             Ok(Ok(response)) => Upstream::Refused(match response.status() {
@@ -138,11 +136,7 @@ impl H2Stream {
                 "no answer to CONNECT",
             )),
         };
-        // (Only a client's stream awaits an answer, and it has its slot.)
-        Poll::Ready(Err(match self.slot.take() {
-            Some(slot) => Unanswered::io(why, Conn::Pooled(slot)),
-            None => io::Error::other(why),
-        }))
+        Poll::Ready(Err(Unanswered::io(why, Conn::Pooled(slot))))
     }
 
     /// A write or shutdown failed with `e`: if the answer is still awaited and has come (a
@@ -347,7 +341,8 @@ impl PoolClient {
             match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
                 Ok(Ok((response, send))) => {
                     let answer = Box::pin(tokio::time::timeout(ANSWER_TIMEOUT, response));
-                    return Ok(Box::pin(H2Stream::new(send, None, Some((answer, cell)))));
+                    let answer = Some((answer, cell));
+                    return Ok(Box::pin(H2Stream::new(send, None, answer)));
                 }
                 Ok(Err(e)) => last = Some(h2_io(e)),
                 Err(_) => {

@@ -373,7 +373,7 @@ impl QuicStream {
     /// Reads the server's answer (a no-op once read): [`ACCEPTED`], or why not as an
     /// [`Unanswered`] error.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some((deadline, _)) = self.answer.as_mut() else {
+        let Some((deadline, conn)) = self.answer.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let mut byte = [0u8; 1];
@@ -416,10 +416,7 @@ impl QuicStream {
             }
         };
         // The answer stays awaited: a refused stream was not accepted (`answered` says so).
-        Poll::Ready(Err(match &self.answer {
-            Some((_, conn)) => Unanswered::io(why, Conn::Quic(conn.clone())),
-            None => io::Error::other(why),
-        }))
+        Poll::Ready(Err(Unanswered::io(why, Conn::Quic(conn.clone()))))
     }
 }
 

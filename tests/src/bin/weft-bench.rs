@@ -822,13 +822,11 @@ mod datapath {
                 let w = wrk_run(&client, &wrk, &format!("{}/1m", p.base), 1, secs, false)?;
                 // Each proxy's share of a core during the run (wrk's start-up included): whether
                 // one end is what limits the stream.
+                let wall = t0.elapsed().as_secs_f64();
                 let busy: Vec<String> = pids
                     .iter()
                     .zip(&cpu0)
-                    .map(|(&q, c0)| {
-                        let share = (cpu_secs(q, tck) - c0) / t0.elapsed().as_secs_f64();
-                        format!("{:.0} %", share * 100.0)
-                    })
+                    .map(|(&q, c0)| format!("{:.0} %", (cpu_secs(q, tck) - c0) * 100.0 / wall))
                     .collect();
                 detach(attached, Some(w.requests));
                 let r = this.entry(p.name).or_default();
