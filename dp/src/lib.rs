@@ -13,6 +13,7 @@ pub mod config;
 pub mod cp;
 pub mod dataplane;
 pub mod discovery;
+pub mod heap;
 pub mod identity;
 pub mod metrics;
 pub mod model;

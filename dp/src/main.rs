@@ -123,6 +123,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    weft_dp::heap::keep_freed_memory();
     // Ignoring the result is right: it only fails when a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (run, flags) = match Cli::parse().command {
