@@ -22,14 +22,13 @@
 //! - Client connections are pooled per (peer, service, TLS generation): after a rotation new
 //!   streams go over a new connection and the old one closes when its last stream ends.
 
-use std::collections::HashMap;
 use std::future::Future as _;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
@@ -150,8 +149,6 @@ pub struct QuicClient {
     v4: OnceCell<quinn::Endpoint>,
     v6: OnceCell<quinn::Endpoint>,
     pool: Shared<Key, Connection>,
-    /// Peers whose QUIC handshake timed out, until when to leave them alone.
-    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 /// Why a QUIC stream could not be opened.
@@ -174,26 +171,6 @@ impl QuicClient {
         cell.get_or_try_init(|| async { endpoint(SocketAddr::new(any, 0), None) })
             .await
             .cloned()
-    }
-
-    /// Whether `peer` recently failed a QUIC handshake by timing out.
-    pub fn unreachable(&self, peer: &SocketAddr) -> bool {
-        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(peer) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                map.remove(peer);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Records that `peer` did not answer a handshake: it is [`unreachable`](Self::unreachable)
-    /// for `for_`. Returns whether this is news (to log once).
-    pub fn timed_out(&self, peer: SocketAddr, for_: Duration) -> bool {
-        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(peer, Instant::now() + for_).is_none()
     }
 
     /// Connects to `peer` (or finds the pooled connection) without opening a stream.

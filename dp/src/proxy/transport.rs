@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -141,13 +141,15 @@ fn timed_out(why: &Upstream) -> bool {
 pub struct Dialer {
     quic: QuicClient,
     pool: PoolClient,
-    /// `auto`: peers reached over TLS because QUIC did not answer, and whether a background
-    /// probe is running.
-    fallback: Mutex<HashMap<SocketAddr, Fallback>>,
+    /// Peers whose QUIC handshake or stream got no answer: `quic` leaves them alone (other
+    /// endpoints are tried) and `auto` reaches them over pooled TLS until `until`.
+    silent: Mutex<HashMap<SocketAddr, Silent>>,
 }
 
-struct Fallback {
+/// A peer that did not answer over QUIC.
+struct Silent {
     until: Instant,
+    /// `auto`: a background probe of QUIC is running.
     probing: bool,
 }
 
@@ -207,7 +209,7 @@ impl Dialer {
             ))
         })?;
         if transport == Transport::Quic {
-            if self.quic.unreachable(&peer) {
+            if self.silent_now(peer) {
                 return Err(Upstream::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the peer did not answer over QUIC a moment ago",
@@ -216,7 +218,7 @@ impl Dialer {
             return match self.quic.open(peer, service, tls, connect_timeout).await {
                 Ok(s) => Ok((s, Via::Quic)),
                 Err(QuicError::Timeout) => {
-                    self.quic.timed_out(peer, QUIC_PEER_DOWN_FOR);
+                    self.mark_silent(peer, QUIC_PEER_DOWN_FOR);
                     Err(Upstream::Connect(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no answer over QUIC",
@@ -279,16 +281,49 @@ impl Dialer {
                     self.quic_silent(peer, service);
                     return true;
                 }
-                self.quic.timed_out(peer, QUIC_PEER_DOWN_FOR);
+                self.mark_silent(peer, QUIC_PEER_DOWN_FOR);
                 false
             }
             _ => false,
         }
     }
 
+    /// The silent peers (a poisoned lock still holds nothing but deadlines: used as is).
+    fn silent(&self) -> MutexGuard<'_, HashMap<SocketAddr, Silent>> {
+        self.silent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `quic`: whether `peer` is being left alone (forgotten once its time is up).
+    fn silent_now(&self, peer: SocketAddr) -> bool {
+        let mut map = self.silent();
+        match map.get(&peer) {
+            Some(s) if s.until > Instant::now() => true,
+            Some(_) => {
+                map.remove(&peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records that `peer` did not answer over QUIC, for `for_` from now; returns whether it
+    /// was answering until now.
+    fn mark_silent(&self, peer: SocketAddr, for_: Duration) -> bool {
+        let until = Instant::now() + for_;
+        self.silent()
+            .insert(
+                peer,
+                Silent {
+                    until,
+                    probing: false,
+                },
+            )
+            .is_none()
+    }
+
     /// `auto`: `peer` did not answer over QUIC; pooled TLS for it from now on (logged once).
     fn quic_silent(&self, peer: SocketAddr, service: &str) {
-        if self.fall_back(peer) {
+        if self.mark_silent(peer, RETRY_QUIC_AFTER) {
             warn!(
                 %peer,
                 service,
@@ -299,8 +334,7 @@ impl Dialer {
     }
 
     fn auto_route(&self, peer: SocketAddr) -> AutoRoute {
-        let mut map = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(&peer) {
+        match self.silent().get_mut(&peer) {
             None => AutoRoute::Quic,
             Some(f) if f.probing || f.until > Instant::now() => AutoRoute::Pooled,
             Some(f) => {
@@ -308,20 +342,6 @@ impl Dialer {
                 AutoRoute::PooledAndProbe
             }
         }
-    }
-
-    /// Records that `peer` gets TLS; returns whether it was on QUIC until now.
-    fn fall_back(&self, peer: SocketAddr) -> bool {
-        let mut map = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = !map.contains_key(&peer);
-        map.insert(
-            peer,
-            Fallback {
-                until: Instant::now() + RETRY_QUIC_AFTER,
-                probing: false,
-            },
-        );
-        fresh
     }
 
     /// Tries a QUIC handshake with `peer` in the background; on success the peer is back on
@@ -334,18 +354,11 @@ impl Dialer {
                 .connect_only(peer, &service, &tls, AUTO_QUIC_TIMEOUT)
                 .await
                 .is_ok();
-            let mut map = this.fallback.lock().unwrap_or_else(|e| e.into_inner());
             if ok {
-                map.remove(&peer);
+                this.silent().remove(&peer);
                 info!(%peer, service, "QUIC answers again: back from pooled TLS");
             } else {
-                map.insert(
-                    peer,
-                    Fallback {
-                        until: Instant::now() + RETRY_QUIC_AFTER,
-                        probing: false,
-                    },
-                );
+                this.mark_silent(peer, RETRY_QUIC_AFTER);
             }
         });
     }
