@@ -15,8 +15,9 @@
 //! untouched 1 MiB block at start, so the heap keeps up to 2 MiB of freed memory at its top
 //! for reuse. Measured on the bench (`weft-bench datapath`, A/B in one run): the faults of a
 //! bulk stream drop to a few hundred (a 1 MiB trim threshold still left 94,000–170,000), and
-//! with the faults gone one bulk stream went from 3.0–3.8 to 3.9–4.5 Gbit/s over pooled TLS
-//! and from 2.5–2.9 to 3.0–3.3 over QUIC, round by round. Whether the faults happen at all
+//! with the faults gone (a higher trim threshold through `GLIBC_TUNABLES`) one bulk stream
+//! went from 3.0–3.8 to 3.9–4.5 Gbit/s over pooled TLS and from 2.5–2.9 to 3.0–3.3 over QUIC,
+//! round by round (BENCHMARKS.md, "QUIC against rusnel"). Whether the faults happen at all
 //! without this depends on history: freeing any large mapped block raises the thresholds
 //! the same way, which a dataplane may or may not have done. The block is never written, so
 //! it costs no resident memory; a process
