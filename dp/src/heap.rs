@@ -5,7 +5,7 @@
 //! holds until acknowledged; the pooled TLS transport's HTTP/2 frames do the same. With
 //! glibc's defaults (`M_TRIM_THRESHOLD` 128 KiB) the top of the heap shrinks as soon as those
 //! buffers are freed and grows again for the next ones: one bulk stream through a pooled or
-//! QUIC pair made 280,000–550,000 page faults and 9,000–26,000 `brk` calls in 4 s (`perf stat
+//! QUIC pair made 250,000–550,000 page faults and 8,600–26,000 `brk` calls in 4 s (`perf stat
 //! -e page-faults,syscalls:sys_enter_brk` on both proxies), each fault a zeroed page charged
 //! to the cgroup. The TLS transport, which reuses its buffers, made 8.
 //!
@@ -20,10 +20,9 @@
 //! round by round (BENCHMARKS.md, "QUIC against rusnel"). Whether the faults happen at all
 //! without this depends on history: freeing any large mapped block raises the thresholds
 //! the same way, which a dataplane may or may not have done. The block is never written, so
-//! it costs no resident memory; a process
-//! keeps at most those 2 MiB per malloc arena beyond what it uses. Thresholds an operator
-//! set through `GLIBC_TUNABLES` or `MALLOC_*_` turn glibc's dynamic adjustment off, and this
-//! with it. Other allocators are unaffected.
+//! it costs no resident memory; a process keeps at most those 2 MiB per malloc arena beyond
+//! what it uses. Thresholds an operator set through `GLIBC_TUNABLES` or `MALLOC_*_` turn
+//! glibc's dynamic adjustment off, and this with it. Other allocators are unaffected.
 
 /// The block freed at start: glibc's new mmap threshold (and half its trim threshold).
 const BLOCK: usize = 1 << 20;
