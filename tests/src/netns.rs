@@ -268,6 +268,26 @@ impl Testbed {
         &self.shared.dir
     }
 
+    /// Sets the MTU of every host's link (both ends of each veth; the bridge follows its
+    /// ports), e.g. 9000 for jumbo frames. Before traffic: connections already open keep
+    /// what they learned of the path.
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        for h in &self.hosts {
+            ip(["-n", &h.ns, "link", "set", "eth0", "mtu", &mtu])?;
+            ip([
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                &Self::port(h.index),
+                "mtu",
+                &mtu,
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Unplugs host `i`: its bridge port goes down, so its packets go nowhere (no RST, no ICMP).
     pub fn cut(&self, i: usize) -> anyhow::Result<()> {
         self.host(i);

@@ -82,7 +82,17 @@ struct Shop {
 
 impl Shop {
     fn new(backends: usize, allow: bool, mesh_yaml: Option<&str>, t: T) -> Result<Shop> {
-        let mesh = MeshBed::new(2 + backends)?;
+        Self::on(MeshBed::new(2 + backends)?, backends, allow, mesh_yaml, t)
+    }
+
+    /// The same on a testbed of `2 + backends` hosts made by the caller.
+    fn on(
+        mesh: MeshBed,
+        backends: usize,
+        allow: bool,
+        mesh_yaml: Option<&str>,
+        t: T,
+    ) -> Result<Shop> {
         match (mesh_yaml, t) {
             (Some(y), T::Tls) => mesh.apply("mesh", y)?,
             (Some(y), t) => mesh.apply("mesh", &t.mesh(y))?,
@@ -1109,4 +1119,113 @@ fn k_pooled_a_reset_upstream_resets_the_client() -> Result<()> {
 #[test]
 fn k_quic_a_reset_upstream_resets_the_client() -> Result<()> {
     a_reset_upstream_resets_the_client(T::Quic)
+}
+
+/// The sizes of the packets in a pcap file (classic format, as tcpdump writes it): each
+/// record's original length on the wire (Ethernet header included).
+fn pcap_packet_sizes(pcap: &[u8]) -> Result<Vec<u32>> {
+    ensure!(pcap.len() >= 24, "pcap shorter than its header");
+    let le = match pcap[..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        _ => anyhow::bail!("not a pcap file"),
+    };
+    let u32_at = |at: usize| -> u32 {
+        let b = [pcap[at], pcap[at + 1], pcap[at + 2], pcap[at + 3]];
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let mut sizes = Vec::new();
+    let mut at = 24;
+    // A record: seconds, fraction, captured length, original length, the captured bytes.
+    while at + 16 <= pcap.len() {
+        let captured = u32_at(at + 8) as usize;
+        sizes.push(u32_at(at + 12));
+        at += 16 + captured;
+    }
+    Ok(sizes)
+}
+
+/// On links with jumbo frames, QUIC's path MTU discovery grows the packets past Ethernet's
+/// 1500 bytes, up to weft's ceiling, and a bulk response crosses in big datagrams (every
+/// other test runs on 1500-byte links, where the probes are lost and nothing else changes).
+#[test]
+fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
+    let mesh = MeshBed::new(3)?;
+    // Before any QUIC connection: discovery runs once a connection is up.
+    mesh.bed.set_mtu(9000)?;
+    let shop = Shop::on(mesh, 1, true, None, T::Quic)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let h3 = shop.mesh.host(3).clone();
+    // The kernel hands veth a GSO batch (up to 10 packets) as one frame, and that is what a
+    // capture shows; with the offload off the batch is cut into its packets before the tap.
+    let out = h3.run(["ethtool", "-K", "eth0", "tx-udp-segmentation", "off"]);
+    ensure!(
+        out.status.success(),
+        "ethtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pcap = shop.mesh.bed.dir().join("jumbo.pcap");
+    // Headers only: the sizes are what counts.
+    let mut cmd = h3.command("tcpdump");
+    cmd.args(["-i", "eth0", "-U", "-n", "-s", "96", "-w"])
+        .arg(&pcap)
+        .args(["udp", "src", "port", "10002"]);
+    let dump = h3.spawn("tcpdump-jumbo", cmd)?;
+    wait_for("tcpdump to listen", Duration::from_secs(10), || {
+        dump.log().contains("listening on").then_some(())
+    })?;
+    const BYTES: u64 = 8 << 20;
+    let out = shop.mesh.host(2).run_timeout(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            &format!("{WEB_URL}/big?bytes={BYTES}"),
+        ],
+        Duration::from_secs(25),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {BYTES}"),
+        "the download through the mesh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // tcpdump writes each packet as it comes (-U): wait until the whole body is in.
+    let sizes = wait_for(
+        "the response in the capture",
+        Duration::from_secs(5),
+        || {
+            let sizes = pcap_packet_sizes(&std::fs::read(&pcap).ok()?).ok()?;
+            (sizes.iter().map(|&s| u64::from(s)).sum::<u64>() > BYTES).then_some(sizes)
+        },
+    )?;
+    dump.term(Duration::from_secs(5))?;
+    // Ethernet 14 + IPv4 20 + UDP 8 around the QUIC packet.
+    let frame = |payload: u16| u32::from(payload) + 42;
+    let max = sizes.iter().copied().max().unwrap_or(0);
+    let big: Vec<u32> = sizes.iter().copied().filter(|&s| s > 1514).collect();
+    ensure!(
+        max > 1514 && max <= frame(weft_dp::proxy::quic::MAX_UDP_PAYLOAD),
+        "largest frame {max} bytes ({} frames): want above 1514, at most {}",
+        sizes.len(),
+        frame(weft_dp::proxy::quic::MAX_UDP_PAYLOAD)
+    );
+    // Most of the 8 MiB went in big packets, not just the probes.
+    let in_big: u64 = big.iter().map(|&s| u64::from(s)).sum();
+    ensure!(
+        in_big > BYTES / 2,
+        "{} of {} frames above 1514 bytes, {in_big} bytes in them",
+        big.len(),
+        sizes.len()
+    );
+    Ok(())
 }

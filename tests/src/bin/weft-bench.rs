@@ -88,6 +88,9 @@ struct DatapathArgs {
     /// another commit), as `<path>-b`, alternating with the others.
     #[arg(long, value_name = "WEFT_DP")]
     dp_b: Option<PathBuf>,
+    /// MTU of the testbed's links (default 1500, Ethernet's), e.g. 9000 for jumbo frames.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    mtu: Option<u32>,
 }
 
 #[derive(Args)]
@@ -546,6 +549,9 @@ mod datapath {
         let mut skipped: Vec<String> = Vec::new();
 
         let mesh = Mesh::new(3, &bins)?;
+        if let Some(mtu) = a.mtu {
+            mesh.bed.set_mtu(mtu)?;
+        }
         let dir = mesh.dir().to_owned();
         let (client, server) = (mesh.host(2).clone(), mesh.host(3).clone());
         certs(&dir, &server)?;
@@ -852,7 +858,7 @@ mod datapath {
             &results,
             &idle,
             &skipped,
-            (rounds, secs, conns),
+            (rounds, secs, conns, a.mtu.unwrap_or(1500)),
             &bins,
         );
         println!("{table}");
@@ -881,7 +887,7 @@ mod datapath {
         results: &BTreeMap<&'static str, Vec<Round>>,
         idle: &BTreeMap<&'static str, Vec<f64>>,
         skipped: &[String],
-        (rounds, secs, conns): (usize, u64, usize),
+        (rounds, secs, conns, mtu): (usize, u64, usize, u32),
         bins: &Path,
     ) -> String {
         let med = |path: &str, f: &str| -> f64 {
@@ -894,8 +900,9 @@ mod datapath {
         let _ = writeln!(s, "## weft-bench datapath\n");
         let _ = writeln!(
             s,
-            "{}; {rounds} round(s) of {secs} s per figure, paths alternating; binaries from `{}`.\n",
+            "{}; links' MTU {}; {rounds} round(s) of {secs} s per figure, paths alternating; binaries from `{}`.\n",
             machine_line(),
+            mtu,
             bins.display()
         );
         let _ = writeln!(
