@@ -254,6 +254,7 @@ impl Metrics {
             "When the current certificate expires, in Unix seconds (0 without one)",
             m.cert_expiry.clone(),
         );
+        registry.register_collector(Box::new(crate::proxy::quic::stats::Exporter));
         Metrics { registry, ..m }
     }
 

@@ -983,6 +983,25 @@ fn a_quic_carries_web_to_backend_over_udp_only() -> Result<()> {
         0.0
     );
     ensure!(backend.metric("weft_dp_bytes_from_upstream_total", &["inbound"]) > 0.0);
+    // One QUIC connection, seen from both ends, its packets within Ethernet's 1500 bytes.
+    let quic = |dp: &Dataplane, name: &str, side: &str| {
+        dp.metric(&format!("{name}{{side=\"{side}\"}}"), &[])
+    };
+    assert_eq!(quic(&shop.web, "weft_dp_quic_connections", "client"), 1.0);
+    assert_eq!(quic(backend, "weft_dp_quic_connections", "server"), 1.0);
+    assert_eq!(quic(&shop.web, "weft_dp_quic_connections", "server"), 0.0);
+    assert_eq!(
+        quic(&shop.web, "weft_dp_quic_connections_opened_total", "client"),
+        1.0
+    );
+    ensure!(quic(backend, "weft_dp_quic_packets_sent_total", "server") >= 5.0);
+    for (dp, side) in [(&shop.web, "client"), (backend, "server")] {
+        let mtu = quic(dp, "weft_dp_quic_path_mtu_min_bytes", side);
+        ensure!(
+            (1200.0..=1472.0).contains(&mtu),
+            "{side} path MTU {mtu} on a 1500-byte link"
+        );
+    }
     Ok(())
 }
 
@@ -1219,6 +1238,17 @@ fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
         sizes.len(),
         frame(weft_dp::proxy::quic::MAX_UDP_PAYLOAD)
     );
+    // Both ends report it.
+    for (dp, side) in [(&shop.web, "client"), (&shop.backends[0].0, "server")] {
+        let mtu = dp.metric(
+            &format!("weft_dp_quic_path_mtu_min_bytes{{side=\"{side}\"}}"),
+            &[],
+        );
+        ensure!(
+            mtu > 1472.0 && mtu <= f64::from(weft_dp::proxy::quic::MAX_UDP_PAYLOAD),
+            "{side} path MTU {mtu} on a 9000-byte link"
+        );
+    }
     // Most of the 8 MiB went in big packets, not just the probes.
     let in_big: u64 = big.iter().map(|&s| u64::from(s)).sum();
     ensure!(

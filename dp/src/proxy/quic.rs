@@ -35,6 +35,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, watch};
 use tracing::{debug, info, warn};
 
+pub mod stats;
+
 use super::shared::Shared;
 use super::tls::{self, TlsState};
 use super::transport::{BoxStream, Conn, Unanswered, Upstream};
@@ -269,6 +271,7 @@ impl QuicClient {
             Ok(Err(e)) => Err(QuicError::Upstream(Upstream::Tls(io::Error::other(e)))),
             Ok(Ok(c)) => {
                 debug!(%peer, service, "QUIC connection established");
+                stats::QUIC.track(stats::Side::Client, &c);
                 Ok(c)
             }
         }
@@ -594,6 +597,7 @@ impl QuicInbound {
                 .unwrap_or_default(),
         );
         debug!(%peer, port, client = ?services, "QUIC connection accepted");
+        stats::QUIC.track(stats::Side::Server, &conn);
         let streams = Arc::new(Tracker::default());
         loop {
             let accepted = tokio::select! {
