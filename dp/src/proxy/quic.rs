@@ -75,14 +75,22 @@ pub mod code {
 }
 
 /// The largest QUIC packet (UDP payload) a dataplane sends or accepts, where the path carries
-/// it: path MTU discovery (RFC 8899 probes) starts at 1200 bytes and goes up to this, so a
-/// link with jumbo frames carries a bulk transfer in 4.4× fewer packets than at Ethernet's
-/// 1500 (quinn's own ceiling, 1452), and each packet is a fixed cost in user space (sealing,
-/// framing, loss tracking); on a 1500-byte link the probes above it are lost and the packets
-/// stay at 1472. Not the 9000 of a jumbo frame: quinn (0.11) sends up to 10 packets in one
-/// GSO `sendmsg`, and the kernel takes at most 64 KiB per send — larger packets make the
-/// send fail, which quinn takes for a black hole and drops to 1200 bytes for good.
+/// it: path MTU discovery (RFC 8899 probes) starts at 1200 bytes and searches up to this, so a
+/// link with jumbo frames carries a bulk transfer in 4.5× fewer packets than at quinn's own
+/// ceiling (1452), and each packet is a fixed cost in user space (sealing, framing, loss
+/// tracking). On a 1500-byte link the probes above the interface's MTU are refused by the
+/// local kernel (`EMSGSIZE`, never on the wire; they count as neither loss nor congestion):
+/// about a dozen at a connection's start and again at each 10-minute re-search; the search
+/// settles at 1466 bytes over IPv4 and 1446 over IPv6. Not the 8952 a 9000-byte frame would
+/// allow: quinn (0.11.12, a private constant) sends up to 10 packets in one GSO `sendmsg`, and
+/// the kernel takes at most 64 KiB per send; with bigger packets full batches were lost and
+/// black-hole detection took the connection down to 1200 bytes.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// Packets per GSO send in quinn 0.11 (`MAX_TRANSMIT_SEGMENTS`, not exported).
+const QUINN_GSO_BATCH: usize = 10;
+// A full GSO batch with IPv6 and UDP headers fits the kernel's 64 KiB per send.
+const _: () = assert!(QUINN_GSO_BATCH * MAX_UDP_PAYLOAD as usize + 48 <= 65_535);
 
 /// Transport parameters for both ends: many concurrent streams, windows sized for bulk
 /// transfers on a LAN while bounding what one peer can make the dataplane buffer, packets
@@ -164,7 +172,8 @@ type Key = (SocketAddr, String, u64);
 pub struct QuicClient {
     v4: OnceCell<quinn::Endpoint>,
     v6: OnceCell<quinn::Endpoint>,
-    pool: Shared<Key, Connection>,
+    /// Each connection with its metrics handle (the pool entry is what keeps it tracked).
+    pool: Shared<Key, Arc<stats::Tracked>>,
 }
 
 /// Why a QUIC stream could not be opened.
@@ -205,7 +214,7 @@ impl QuicClient {
     /// idle timeout).
     pub fn evict(&self, conn: &Connection) {
         self.pool
-            .forget_where(|c| c.stable_id() == conn.stable_id());
+            .forget_where(|t| t.conn().stable_id() == conn.stable_id());
     }
 
     /// A pooled connection to `peer` for `service`, connecting if there is none (concurrent
@@ -221,12 +230,16 @@ impl QuicClient {
         for _ in 0..2 {
             // Connections of older TLS generations take no new streams; they close when
             // their last stream ends.
-            let cell = self.pool.slot(&key, |k, c| {
-                k.2 == tls.generation && c.close_reason().is_none()
+            let cell = self.pool.slot(&key, |k, t| {
+                k.2 == tls.generation && t.conn().close_reason().is_none()
             });
             let conn = cell
-                .get_or_try_init(|| self.handshake(peer, service, tls, timeout))
+                .get_or_try_init(|| async {
+                    let c = self.handshake(peer, service, tls, timeout).await?;
+                    Ok::<_, QuicError>(stats::QUIC.track(stats::Side::Client, &c))
+                })
                 .await?
+                .conn()
                 .clone();
             if conn.close_reason().is_none() {
                 return Ok(conn);
@@ -271,7 +284,6 @@ impl QuicClient {
             Ok(Err(e)) => Err(QuicError::Upstream(Upstream::Tls(io::Error::other(e)))),
             Ok(Ok(c)) => {
                 debug!(%peer, service, "QUIC connection established");
-                stats::QUIC.track(stats::Side::Client, &c);
                 Ok(c)
             }
         }
@@ -597,7 +609,8 @@ impl QuicInbound {
                 .unwrap_or_default(),
         );
         debug!(%peer, port, client = ?services, "QUIC connection accepted");
-        stats::QUIC.track(stats::Side::Server, &conn);
+        // Counted until this task lets go of the connection.
+        let _tracked = stats::QUIC.track(stats::Side::Server, &conn);
         let streams = Arc::new(Tracker::default());
         loop {
             let accepted = tokio::select! {

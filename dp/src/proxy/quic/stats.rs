@@ -3,11 +3,15 @@
 //! its outbounds; `server`: connections its inbounds accepted).
 //!
 //! quinn keeps the counts per connection; they are read at scrape time, not on the data path.
-//! Live connections are listed here; a closed one is folded into per-side totals the next time
-//! the list is touched (a new connection or a scrape), so the counters never go back. The
-//! list is process-wide, like the UDP sockets the connections share.
+//! What tracks a connection is a [`Tracked`] handle held by the connection's owner (the
+//! client's pool entry, the server's connection task); the list here only has weak references
+//! to them, so it never keeps a connection open (quinn closes a connection once its last
+//! handle is gone: a pooled connection evicted or of an older TLS generation closes when its
+//! last stream ends). When the owner lets go, the handle's final counts go into per-side
+//! totals, so the counters never go back (packets the connection still sends for streams
+//! that outlive the handle are not counted).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -51,8 +55,7 @@ impl Totals {
         black_holes: 0,
     };
 
-    fn add(&mut self, c: &Connection) {
-        let p = c.stats().path;
+    fn add(&mut self, p: &quinn::PathStats) {
         self.sent_packets += p.sent_packets;
         self.lost_packets += p.lost_packets;
         self.congestion_events += p.congestion_events;
@@ -73,22 +76,8 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 struct State {
-    live: Vec<(Side, Connection)>,
+    live: Vec<Weak<Tracked>>,
     closed: [Totals; 2],
-}
-
-impl State {
-    /// Folds closed connections into the totals and forgets them.
-    fn prune(&mut self) {
-        let closed = &mut self.closed;
-        self.live.retain(|(side, c)| {
-            if c.close_reason().is_none() {
-                return true;
-            }
-            closed[*side as usize].add(c);
-            false
-        });
-    }
 }
 
 /// The process's QUIC connections.
@@ -105,39 +94,73 @@ pub static QUIC: QuicStats = QuicStats {
     }),
 };
 
+/// A tracked connection; its owner keeps it (and the connection) for as long as it uses the
+/// connection.
+#[derive(Debug)]
+pub struct Tracked {
+    side: Side,
+    conn: Connection,
+}
+
+impl Tracked {
+    /// The connection.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let path = self.conn.stats().path;
+        QUIC.lock().closed[self.side as usize].add(&path);
+    }
+}
+
 impl QuicStats {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is counts and handles: consistent whatever a panicking holder did.
+        // The state is counts and weak handles: consistent whatever a panicking holder did.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts tracking an established connection.
-    pub fn track(&self, side: Side, conn: &Connection) {
+    /// Starts tracking an established connection: counted while the handle lives.
+    pub fn track(&self, side: Side, conn: &Connection) -> Arc<Tracked> {
+        let t = Arc::new(Tracked {
+            side,
+            conn: conn.clone(),
+        });
         let mut s = self.lock();
-        s.prune();
+        s.live.retain(|w| w.strong_count() > 0);
         s.closed[side as usize].opened += 1;
-        s.live.push((side, conn.clone()));
+        s.live.push(Arc::downgrade(&t));
+        t
     }
 
     /// Both sides' figures now.
     pub fn snapshot(&self) -> [Snapshot; 2] {
-        let mut s = self.lock();
-        s.prune();
         let mut out = [Snapshot::default(); 2];
-        for (i, o) in out.iter_mut().enumerate() {
-            o.totals = s.closed[i];
-        }
-        for (side, c) in &s.live {
-            let o = &mut out[*side as usize];
-            o.totals.add(c);
+        // Under the lock: the totals and strong handles to the live connections, so none of
+        // them is folded into the totals (its `Drop`) before it has been read below.
+        let live: Vec<Arc<Tracked>> = {
+            let mut s = self.lock();
+            s.live.retain(|w| w.strong_count() > 0);
+            for (i, o) in out.iter_mut().enumerate() {
+                o.totals = s.closed[i];
+            }
+            s.live.iter().filter_map(Weak::upgrade).collect()
+        };
+        for t in &live {
+            let path = t.conn.stats().path;
+            let o = &mut out[t.side as usize];
+            o.totals.add(&path);
             o.live += 1;
-            let mtu = c.stats().path.current_mtu;
             o.min_mtu = if o.min_mtu == 0 {
-                mtu
+                path.current_mtu
             } else {
-                o.min_mtu.min(mtu)
+                o.min_mtu.min(path.current_mtu)
             };
         }
+        // Dropped after the lock is released: a handle dropped last here folds itself in.
+        drop(live);
         out
     }
 }
@@ -173,7 +196,7 @@ impl Collector for Exporter {
             ),
             (
                 "weft_dp_quic_mtu_black_holes",
-                "QUIC paths where path MTU discovery found a black hole and fell back to 1200-byte packets",
+                "Black holes detected by QUIC path MTU discovery (packets fall back to 1200 bytes until a re-search)",
                 |t| t.black_holes,
             ),
         ];
