@@ -152,6 +152,11 @@ impl QuicStats {
             let path = t.conn.stats().path;
             let o = &mut out[t.side as usize];
             o.totals.add(&path);
+            // Closed but not yet let go of (a pool entry is dropped at the next lookup):
+            // counted, not open.
+            if t.conn.close_reason().is_some() {
+                continue;
+            }
             o.live += 1;
             o.min_mtu = if o.min_mtu == 0 {
                 path.current_mtu
