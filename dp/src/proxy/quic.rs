@@ -78,14 +78,48 @@ pub mod code {
 /// it: path MTU discovery (RFC 8899 probes) starts at 1200 bytes and searches up to this, so a
 /// link with jumbo frames carries a bulk transfer in 4.5× fewer packets than at quinn's own
 /// ceiling (1452), and each packet is a fixed cost in user space (sealing, framing, loss
-/// tracking). On a 1500-byte link the probes above the interface's MTU are refused by the
-/// local kernel (`EMSGSIZE`, never on the wire; they count as neither loss nor congestion):
-/// about a dozen at a connection's start and again at each 10-minute re-search; the search
-/// settles at 1466 bytes over IPv4 and 1446 over IPv6. Not the 8952 a 9000-byte frame would
-/// allow: quinn (0.11.12, a private constant) sends up to 10 packets in one GSO `sendmsg`, and
-/// the kernel takes at most 64 KiB per send; with bigger packets full batches were lost and
-/// black-hole detection took the connection down to 1200 bytes.
+/// tracking). The ceiling actually used is [`packet_ceiling`]: on a host whose interfaces are
+/// all 1500 bytes it stays at quinn's 1452 (a higher one only sends probes the local kernel
+/// refuses, about a dozen per connection and re-search). Not the 8952 a 9000-byte frame
+/// would allow: quinn (0.11.12, a private constant) sends up to 10 packets in one GSO
+/// `sendmsg`, and the kernel takes at most 64 KiB per send; with bigger packets full batches
+/// were lost and black-hole detection took the connection down to 1200 bytes.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// quinn's default probing ceiling: a 1500-byte frame with IPv6 and UDP headers.
+const ETHERNET_PAYLOAD: u16 = 1452;
+
+/// The probing ceiling and the advertised `max_udp_payload_size`: what the largest interface
+/// of the dataplane's network namespace (loopback aside) carries, less IPv6 and UDP headers,
+/// between quinn's 1452 and [`MAX_UDP_PAYLOAD`]; [`MAX_UDP_PAYLOAD`] if the interfaces cannot
+/// be read. Read once: a changed interface MTU takes a restart.
+pub fn packet_ceiling() -> u16 {
+    static CEILING: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *CEILING.get_or_init(|| ceiling_for(largest_interface_mtu()))
+}
+
+/// The largest MTU among the interfaces in `/sys/class/net` but `lo`.
+fn largest_interface_mtu() -> Option<u32> {
+    std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() != "lo")
+        .filter_map(|e| {
+            let mtu = std::fs::read_to_string(e.path().join("mtu")).ok()?;
+            mtu.trim().parse::<u32>().ok()
+        })
+        .max()
+}
+
+/// [`packet_ceiling`] for the largest interface MTU `mtu`.
+pub(crate) fn ceiling_for(mtu: Option<u32>) -> u16 {
+    let Some(mtu) = mtu else {
+        return MAX_UDP_PAYLOAD;
+    };
+    u16::try_from(mtu.saturating_sub(48))
+        .unwrap_or(u16::MAX)
+        .clamp(ETHERNET_PAYLOAD, MAX_UDP_PAYLOAD)
+}
 
 /// Packets per GSO send in quinn 0.11 (`MAX_TRANSMIT_SEGMENTS`, not exported).
 const QUINN_GSO_BATCH: usize = 10;
@@ -94,10 +128,10 @@ const _: () = assert!(QUINN_GSO_BATCH * MAX_UDP_PAYLOAD as usize + 48 <= 65_535)
 
 /// Transport parameters for both ends: many concurrent streams, windows sized for bulk
 /// transfers on a LAN while bounding what one peer can make the dataplane buffer, packets
-/// up to [`MAX_UDP_PAYLOAD`] where the path allows.
+/// up to [`packet_ceiling`] where the path allows.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(packet_ceiling());
     let mut t = quinn::TransportConfig::default();
     t.mtu_discovery_config(Some(mtu));
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
@@ -697,7 +731,7 @@ fn endpoint(addr: SocketAddr, config: Option<quinn::ServerConfig>) -> io::Result
         quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
     let mut ec = quinn::EndpointConfig::default();
     // What the peer may send us (a transport parameter): its path MTU discovery stops here.
-    ec.max_udp_payload_size(MAX_UDP_PAYLOAD)
+    ec.max_udp_payload_size(packet_ceiling())
         .map_err(|e| io::Error::other(e.to_string()))?;
     quinn::Endpoint::new(ec, config, socket, runtime)
 }

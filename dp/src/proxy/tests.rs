@@ -130,3 +130,17 @@ fn quic_sockets_ask_for_big_buffers() {
     );
     assert_eq!(send, quic::UDP_BUFFER.min(max("wmem_max")), "send buffer");
 }
+
+/// QUIC's packet ceiling follows the largest interface: quinn's 1452 on Ethernet (or smaller
+/// links), the interface's MTU less IPv6 and UDP headers above it, capped at what a GSO batch
+/// allows; the cap when the interfaces cannot be read.
+#[test]
+fn quic_packet_ceiling_follows_the_largest_interface() {
+    use quic::{MAX_UDP_PAYLOAD, ceiling_for};
+    assert_eq!(ceiling_for(Some(1500)), 1452);
+    assert_eq!(ceiling_for(Some(1280)), 1452);
+    assert_eq!(ceiling_for(Some(4000)), 3952);
+    assert_eq!(ceiling_for(Some(9000)), MAX_UDP_PAYLOAD);
+    assert_eq!(ceiling_for(Some(u32::MAX)), MAX_UDP_PAYLOAD);
+    assert_eq!(ceiling_for(None), MAX_UDP_PAYLOAD);
+}
