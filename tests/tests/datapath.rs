@@ -55,6 +55,11 @@ impl T {
     }
 }
 
+/// A QUIC metric of `dp` for one side (`client` or `server`): `name{side="…"}`.
+fn quic_metric(dp: &Dataplane, name: &str, side: &str) -> f64 {
+    dp.metric(&format!("{name}{{side=\"{side}\"}}"), &[])
+}
+
 /// Checks that web's outbound used `t`: QUIC streams for quic and auto (UDP open), pooled
 /// streams for pooled, neither for tls.
 fn check_transport(web: &Dataplane, t: T) -> Result<()> {
@@ -924,19 +929,14 @@ fn established_connections_survive_config_and_certificate_changes(t: T) -> Resul
     if t == T::Quic {
         // The connection of the old certificates closes now that its last stream has ended:
         // one connection open on each side, two opened by web over the test.
-        let open = |dp: &Dataplane, side: &str| {
-            dp.metric(&format!("weft_dp_quic_connections{{side=\"{side}\"}}"), &[])
-        };
+        let open = |dp: &Dataplane, side: &str| quic_metric(dp, "weft_dp_quic_connections", side);
         wait_for(
             "the old QUIC connection to close",
             Duration::from_secs(10),
             || (open(&web, "client") == 1.0 && open(&echo, "server") == 1.0).then_some(()),
         )?;
         assert_eq!(
-            web.metric(
-                "weft_dp_quic_connections_opened_total{side=\"client\"}",
-                &[]
-            ),
+            quic_metric(&web, "weft_dp_quic_connections_opened_total", "client"),
             2.0
         );
     }
@@ -1003,19 +1003,25 @@ fn a_quic_carries_web_to_backend_over_udp_only() -> Result<()> {
     );
     ensure!(backend.metric("weft_dp_bytes_from_upstream_total", &["inbound"]) > 0.0);
     // One QUIC connection, seen from both ends, its packets within Ethernet's 1500 bytes.
-    let quic = |dp: &Dataplane, name: &str, side: &str| {
-        dp.metric(&format!("{name}{{side=\"{side}\"}}"), &[])
-    };
-    assert_eq!(quic(&shop.web, "weft_dp_quic_connections", "client"), 1.0);
-    assert_eq!(quic(backend, "weft_dp_quic_connections", "server"), 1.0);
-    assert_eq!(quic(&shop.web, "weft_dp_quic_connections", "server"), 0.0);
     assert_eq!(
-        quic(&shop.web, "weft_dp_quic_connections_opened_total", "client"),
+        quic_metric(&shop.web, "weft_dp_quic_connections", "client"),
         1.0
     );
-    ensure!(quic(backend, "weft_dp_quic_packets_sent_total", "server") >= 5.0);
+    assert_eq!(
+        quic_metric(backend, "weft_dp_quic_connections", "server"),
+        1.0
+    );
+    assert_eq!(
+        quic_metric(&shop.web, "weft_dp_quic_connections", "server"),
+        0.0
+    );
+    assert_eq!(
+        quic_metric(&shop.web, "weft_dp_quic_connections_opened_total", "client"),
+        1.0
+    );
+    ensure!(quic_metric(backend, "weft_dp_quic_packets_sent_total", "server") >= 5.0);
     for (dp, side) in [(&shop.web, "client"), (backend, "server")] {
-        let mtu = quic(dp, "weft_dp_quic_path_mtu_min_bytes", side);
+        let mtu = quic_metric(dp, "weft_dp_quic_path_mtu_min_bytes", side);
         ensure!(
             (1200.0..=1452.0).contains(&mtu),
             "{side} path MTU {mtu} on a 1500-byte link (ceiling: quinn's 1452)"
@@ -1259,10 +1265,7 @@ fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
     );
     // Both ends report it.
     for (dp, side) in [(&shop.web, "client"), (&shop.backends[0].0, "server")] {
-        let mtu = dp.metric(
-            &format!("weft_dp_quic_path_mtu_min_bytes{{side=\"{side}\"}}"),
-            &[],
-        );
+        let mtu = quic_metric(dp, "weft_dp_quic_path_mtu_min_bytes", side);
         ensure!(
             mtu > 1472.0 && mtu <= f64::from(weft_dp::proxy::quic::MAX_UDP_PAYLOAD),
             "{side} path MTU {mtu} on a 9000-byte link"

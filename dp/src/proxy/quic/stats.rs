@@ -80,6 +80,13 @@ struct State {
     closed: [Totals; 2],
 }
 
+impl State {
+    /// Forgets the handles their owners let go of (each folded itself into `closed`).
+    fn prune(&mut self) {
+        self.live.retain(|w| w.strong_count() > 0);
+    }
+}
+
 /// The process's QUIC connections.
 #[derive(Debug)]
 pub struct QuicStats {
@@ -129,7 +136,7 @@ impl QuicStats {
             conn: conn.clone(),
         });
         let mut s = self.lock();
-        s.live.retain(|w| w.strong_count() > 0);
+        s.prune();
         s.closed[side as usize].opened += 1;
         s.live.push(Arc::downgrade(&t));
         t
@@ -142,7 +149,7 @@ impl QuicStats {
         // them is folded into the totals (its `Drop`) before it has been read below.
         let live: Vec<Arc<Tracked>> = {
             let mut s = self.lock();
-            s.live.retain(|w| w.strong_count() > 0);
+            s.prune();
             for (i, o) in out.iter_mut().enumerate() {
                 o.totals = s.closed[i];
             }
@@ -158,10 +165,9 @@ impl QuicStats {
                 continue;
             }
             o.live += 1;
-            o.min_mtu = if o.min_mtu == 0 {
-                path.current_mtu
-            } else {
-                o.min_mtu.min(path.current_mtu)
+            o.min_mtu = match o.min_mtu {
+                0 => path.current_mtu,
+                m => m.min(path.current_mtu),
             };
         }
         // Dropped after the lock is released: a handle dropped last here folds itself in.
