@@ -178,3 +178,32 @@ async fn sessions_resume_unless_resumption_is_off() {
         "resumption is off"
     );
 }
+
+#[tokio::test]
+async fn dataplanes_agree_on_aes_128_gcm() {
+    use tokio::io::AsyncWriteExt as _;
+    let ca = TestCa::new("mesh CA");
+    let later = now_unix() + 3600;
+    let state = |id: &str| TlsState::new(1, "m", &creds(&ca, &[id], later), &ca.cert_pem).unwrap();
+    let (web, backend) = (state("spiffe://m/web"), state("spiffe://m/backend"));
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(backend.server.clone());
+    let srv = tokio::spawn(async move { acceptor.accept(b).await.unwrap() });
+    let connector = tokio_rustls::TlsConnector::from(web.client_for("backend").unwrap());
+    let name = ServerName::try_from("backend").unwrap();
+    let mut c = connector.connect(name, a).await.unwrap();
+    let s = srv.await.unwrap();
+    let suite = |c: &rustls::CommonState| c.negotiated_cipher_suite().map(|s| s.suite());
+    let want = Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(suite(c.get_ref().1), want, "client side");
+    assert_eq!(suite(s.get_ref().1), want, "server side");
+    // AES-256 and ChaCha20 stay on offer for peers that prefer them.
+    let offered: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+    assert_eq!(
+        offered.len(),
+        rustls::crypto::ring::DEFAULT_CIPHER_SUITES.len()
+    );
+    assert!(offered.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+    assert!(offered.contains(&rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256));
+    c.shutdown().await.unwrap();
+}
