@@ -102,7 +102,7 @@ fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>> 
 /// where AES-256 takes 14, for the same 128-bit security level that X25519 and the P-256
 /// mesh keys give the session. BoringSSL (Envoy) and Go order them this way on hosts with AES
 /// instructions. AES-256 and ChaCha20 stay on offer.
-pub fn provider() -> CryptoProvider {
+fn provider() -> CryptoProvider {
     use rustls::CipherSuite::{
         TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
         TLS13_AES_128_GCM_SHA256,

@@ -123,27 +123,36 @@ async fn foreign_and_expired_peers_fail_the_handshake() {
     assert!(e.to_lowercase().contains("expired"), "{e}");
 }
 
-/// Handshakes like [`handshake`] and says whether the client's handshake resumed a session
+/// A client of `service` (from `client`) connected to `server` over an in-memory pipe: both
+/// ends once their handshakes are done.
+async fn connected(
+    client: &TlsState,
+    server: &TlsState,
+    service: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+    tokio_rustls::server::TlsStream<tokio::io::DuplexStream>,
+) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
+    let srv = tokio::spawn(async move { acceptor.accept(b).await.unwrap() });
+    let connector = tokio_rustls::TlsConnector::from(client.client_for(service).unwrap());
+    let name = ServerName::try_from(service.to_owned()).unwrap();
+    let c = connector.connect(name, a).await.unwrap();
+    (c, srv.await.unwrap())
+}
+
+/// Connects like [`connected`] and says whether the client's handshake resumed a session
 /// (the client waits for the server's first flight, which carries the tickets in TLS 1.3).
 async fn resumed(client: &TlsState, server: &TlsState, service: &str) -> bool {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
-    let srv = tokio::spawn(async move {
-        let mut s = acceptor.accept(b).await.unwrap();
-        s.write_all(b"x").await.unwrap();
-        s.flush().await.unwrap();
-        let mut one = [0u8; 1];
-        let _ = s.read(&mut one).await;
-    });
-    let connector = tokio_rustls::TlsConnector::from(client.client_for(service).unwrap());
-    let name = ServerName::try_from(service.to_owned()).unwrap();
-    let mut c = connector.connect(name, a).await.unwrap();
+    let (mut c, mut s) = connected(client, server, service).await;
+    s.write_all(b"x").await.unwrap();
+    s.flush().await.unwrap();
     let mut one = [0u8; 1];
     c.read_exact(&mut one).await.unwrap();
     let kind = c.get_ref().1.handshake_kind();
     c.shutdown().await.unwrap();
-    srv.await.unwrap();
     kind == Some(rustls::HandshakeKind::Resumed)
 }
 
@@ -186,13 +195,7 @@ async fn dataplanes_agree_on_aes_128_gcm() {
     let later = now_unix() + 3600;
     let state = |id: &str| TlsState::new(1, "m", &creds(&ca, &[id], later), &ca.cert_pem).unwrap();
     let (web, backend) = (state("spiffe://m/web"), state("spiffe://m/backend"));
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(backend.server.clone());
-    let srv = tokio::spawn(async move { acceptor.accept(b).await.unwrap() });
-    let connector = tokio_rustls::TlsConnector::from(web.client_for("backend").unwrap());
-    let name = ServerName::try_from("backend").unwrap();
-    let mut c = connector.connect(name, a).await.unwrap();
-    let s = srv.await.unwrap();
+    let (mut c, s) = connected(&web, &backend, "backend").await;
     let suite = |c: &rustls::CommonState| c.negotiated_cipher_suite().map(|s| s.suite());
     let want = Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     assert_eq!(suite(c.get_ref().1), want, "client side");
