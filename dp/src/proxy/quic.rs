@@ -36,6 +36,8 @@ use tokio::sync::{OnceCell, watch};
 use tracing::{debug, info, warn};
 
 pub mod stats;
+#[cfg(test)]
+mod tests;
 
 use super::shared::Shared;
 use super::tls::{self, TlsState};
@@ -57,6 +59,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// is gone (a dead peer's UDP port sends nothing back) or its service is stuck: either way
 /// another endpoint is tried.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a finished stream waits for the peer to acknowledge its last bytes.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Concurrent proxied connections per peer connection.
 const MAX_STREAMS: u32 = 4096;
 
@@ -126,7 +130,7 @@ const QUINN_GSO_BATCH: usize = 10;
 // A full GSO batch with IPv6 and UDP headers fits the kernel's 64 KiB per send.
 const _: () = assert!(QUINN_GSO_BATCH * MAX_UDP_PAYLOAD as usize + 48 <= 65_535);
 
-/// Transport parameters for both ends: many concurrent streams, windows sized for bulk
+/// Transport parameters for both ends: many concurrent streams, no datagrams, windows sized for bulk
 /// transfers on a LAN while bounding what one peer can make the dataplane buffer, packets
 /// up to [`packet_ceiling`] where the path allows.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -136,6 +140,8 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     t.mtu_discovery_config(Some(mtu));
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Nothing reads QUIC datagrams: take none (quinn would buffer ~1.25 MiB per connection).
+        .datagram_receive_buffer_size(None)
         .stream_receive_window(VarInt::from_u32(2 * 1024 * 1024))
         .receive_window(VarInt::from_u32(32 * 1024 * 1024))
         .send_window(32 * 1024 * 1024)
@@ -183,16 +189,28 @@ fn reset(s: &mut Duplex, c: u32) {
     let _ = s.reader_mut().stop(VarInt::from_u32(c));
 }
 
-/// Copies between a stream and a TCP connection, mapping resets both ways.
+/// Copies between a stream and the local service's TCP connection, mapping resets both ways;
+/// returns (bytes to the service, bytes from it).
+///
+/// Once the copy is done, waits (at most [`FINISH_TIMEOUT`]) until the peer has acknowledged
+/// all of the stream's data: quinn forgets unacknowledged stream data when its connection
+/// closes, and a draining inbound closes its connection as soon as its last stream has ended,
+/// which would cut the tail of that stream's last response.
 async fn splice_stream(mut stream: Duplex, tcp: TcpStream) -> io::Result<(u64, u64)> {
     let mut tcp = tcp;
-    let r = splice(&mut tcp, &mut stream).await;
-    if r.is_err() {
-        reset(&mut stream, code::RESET);
-        // Close the TCP side with a RST, as a reset stream means the far side was reset.
-        let _ = tcp.set_zero_linger();
+    match splice(&mut stream, &mut tcp).await {
+        Ok(n) => {
+            let acked = stream.writer_mut().stopped();
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, acked).await;
+            Ok(n)
+        }
+        Err(e) => {
+            reset(&mut stream, code::RESET);
+            // Close the TCP side with a RST, as a reset stream means the far side was reset.
+            let _ = tcp.set_zero_linger();
+            Err(e)
+        }
     }
-    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,20 +279,24 @@ impl QuicClient {
         timeout: Duration,
     ) -> Result<Connection, QuicError> {
         let key: Key = (peer, service.to_owned(), tls.generation);
+        // One deadline for the caller, however many handshakes it waits on: callers that
+        // queued on a handshake that timed out would otherwise each start the next one, a
+        // `timeout` apiece, one after another.
+        let deadline = tokio::time::Instant::now() + timeout;
         for _ in 0..2 {
             // Connections of older TLS generations take no new streams; they close when
             // their last stream ends.
             let cell = self.pool.slot(&key, |k, t| {
                 k.2 == tls.generation && t.conn().close_reason().is_none()
             });
-            let conn = cell
-                .get_or_try_init(|| async {
-                    let c = self.handshake(peer, service, tls, timeout).await?;
-                    Ok::<_, QuicError>(stats::QUIC.track(stats::Side::Client, &c))
-                })
-                .await?
-                .conn()
-                .clone();
+            let init = cell.get_or_try_init(|| async {
+                let c = self.handshake(peer, service, tls, timeout).await?;
+                Ok::<_, QuicError>(stats::QUIC.track(stats::Side::Client, &c))
+            });
+            let Ok(tracked) = tokio::time::timeout_at(deadline, init).await else {
+                return Err(QuicError::Timeout);
+            };
+            let conn = tracked?.conn().clone();
             if conn.close_reason().is_none() {
                 return Ok(conn);
             }

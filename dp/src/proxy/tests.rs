@@ -144,3 +144,42 @@ fn quic_packet_ceiling_follows_the_largest_interface() {
     assert_eq!(ceiling_for(Some(u32::MAX)), MAX_UDP_PAYLOAD);
     assert_eq!(ceiling_for(None), MAX_UDP_PAYLOAD);
 }
+
+/// `auto` to a peer whose UDP port never answers: connections that arrive while the first
+/// QUIC handshake is still waiting fall back within a second too, not one handshake timeout
+/// after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_auto_connections_fall_back_within_a_second() {
+    use crate::test_util::{TestCa, now_unix};
+    let ca = TestCa::new("ca");
+    let creds = tls::tests::creds(&ca, &["spiffe://m/web"], now_unix() + 3600);
+    let tls = Arc::new(TlsState::new(1, "m", &creds, &ca.cert_pem).unwrap());
+    // UDP blackholed: a bound socket nobody reads. TCP on that port refuses at once.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let dialer = Arc::new(Dialer::default());
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let (dialer, addr, tls) = (dialer.clone(), addr.clone(), tls.clone());
+            tokio::spawn(async move {
+                let r = dialer
+                    .connect(
+                        Transport::Auto,
+                        &addr,
+                        "backend",
+                        Some(&tls),
+                        Duration::from_secs(2),
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                (start.elapsed(), r.is_ok())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (took, ok) = t.await.unwrap();
+        assert!(!ok, "nothing listens on TCP either");
+        assert!(took < Duration::from_secs(1), "fell back after {took:?}");
+    }
+}

@@ -25,7 +25,7 @@ use x509_parser::prelude::FromDer as _;
 use crate::identity::manager::Credentials;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Why TLS could not be set up from the credentials.
 #[derive(Debug, thiserror::Error)]

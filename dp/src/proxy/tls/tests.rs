@@ -3,7 +3,7 @@
 use super::*;
 use crate::test_util::{TestCa, now_unix};
 
-fn creds(ca: &TestCa, ids: &[&str], not_after: i64) -> Credentials {
+pub(crate) fn creds(ca: &TestCa, ids: &[&str], not_after: i64) -> Credentials {
     let key = crate::identity::generate_key().unwrap();
     let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
     Credentials {
