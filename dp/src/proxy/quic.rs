@@ -130,9 +130,9 @@ const QUINN_GSO_BATCH: usize = 10;
 // A full GSO batch with IPv6 and UDP headers fits the kernel's 64 KiB per send.
 const _: () = assert!(QUINN_GSO_BATCH * MAX_UDP_PAYLOAD as usize + 48 <= 65_535);
 
-/// Transport parameters for both ends: many concurrent streams, no datagrams, windows sized for bulk
-/// transfers on a LAN while bounding what one peer can make the dataplane buffer, packets
-/// up to [`packet_ceiling`] where the path allows.
+/// Transport parameters for both ends: many concurrent streams, no datagrams, windows sized
+/// for bulk transfers on a LAN while bounding what one peer can make the dataplane buffer,
+/// packets up to [`packet_ceiling`] where the path allows.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(packet_ceiling());
@@ -196,8 +196,7 @@ fn reset(s: &mut Duplex, c: u32) {
 /// all of the stream's data: quinn forgets unacknowledged stream data when its connection
 /// closes, and a draining inbound closes its connection as soon as its last stream has ended,
 /// which would cut the tail of that stream's last response.
-async fn splice_stream(mut stream: Duplex, tcp: TcpStream) -> io::Result<(u64, u64)> {
-    let mut tcp = tcp;
+async fn splice_stream(mut stream: Duplex, mut tcp: TcpStream) -> io::Result<(u64, u64)> {
     match splice(&mut stream, &mut tcp).await {
         Ok(n) => {
             let acked = stream.writer_mut().stopped();

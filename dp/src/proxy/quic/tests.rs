@@ -1,6 +1,6 @@
 //! A real QUIC connection on loopback between two `TlsState`s.
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 use super::*;
@@ -60,7 +60,7 @@ async fn a_connection_closed_after_its_last_stream_delivers_the_whole_answer() {
     send.write_all(&[1]).await.unwrap();
     send.finish().unwrap();
     let mut got = Vec::new();
-    let end = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut got).await;
+    let end = AsyncReadExt::read_to_end(&mut recv, &mut got).await;
     assert!(
         end.is_ok(),
         "stream ended with {end:?} after {} of {N} bytes",
