@@ -38,6 +38,9 @@ use super::transport::{BoxStream, Conn, Unanswered, Upstream, tcp_tls};
 use super::{InboundState, authorize, connect_local, splice};
 use crate::metrics::ListenerMetrics;
 
+#[cfg(test)]
+mod tests;
+
 /// ALPN of the pooled transport.
 pub const ALPN: &[u8] = b"weft-pool/1";
 /// Concurrent proxied connections per pooled connection.
@@ -49,6 +52,12 @@ const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 const MAX_FRAME: u32 = 64 * 1024;
 /// How long a client waits for the server to answer a CONNECT.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a client pings its pooled connection (HTTP/2 PING), and how long it waits for the
+/// answer before closing it: a peer that went away without a word (powered off, partitioned)
+/// is noticed, and its connection's streams end, within these 15 s instead of at TCP's
+/// retransmission timeout; middleboxes keep the idle connection's state.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -295,12 +304,7 @@ impl PoolClient {
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| Upstream::Tls(h2_io(e)))?;
-        let peer = address.to_owned();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(peer, error = %e, "pooled connection ended");
-            }
-        });
+        tokio::spawn(drive(conn, address.to_owned()));
         debug!(peer = address, service, "pooled connection established");
         Ok(sender)
     }
@@ -367,6 +371,40 @@ impl PoolClient {
     }
 }
 
+/// Runs a client connection until it ends or stops answering keep-alive pings.
+async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>, peer: String)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let pings = conn.ping_pong();
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            debug!(peer, error = %e, "pooled connection ended");
+        },
+        () = keep_alive(pings) => {
+            // Dropping the connection closes it: its streams fail, the pool reconnects.
+            warn!(peer, "pooled connection: no answer to a keep-alive ping in {}s; closed",
+                KEEP_ALIVE_TIMEOUT.as_secs());
+        }
+    }
+}
+
+/// Pings the connection every [`KEEP_ALIVE`]; returns when an answer takes longer than
+/// [`KEEP_ALIVE_TIMEOUT`] (never without `pings`; a failed ping means the connection ended).
+async fn keep_alive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Server side
 
@@ -383,13 +421,17 @@ pub(crate) async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, Bytes>(io);
+    // Bounded like the TLS handshake before it: a client that never sends its preface must
+    // not hold the task (nor delay a drain) for good.
+    let mut conn = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake)
         .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"))?
         .map_err(h2_io)?;
     let mut draining = false;
     loop {

@@ -54,13 +54,18 @@ const VERSION: u8 = 1;
 const ACCEPTED: u8 = 0;
 /// How long a server waits for a stream's header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client waits for the server to accept a stream, beyond a few round trips: the
-/// server answers once its local service accepted the TCP connection. No answer means the peer
-/// is gone (a dead peer's UDP port sends nothing back) or its service is stuck: either way
-/// another endpoint is tried.
+/// How long a client waits for the server to accept a stream, beyond a few round trips, when
+/// the peer sends nothing back: the server answers once its local service accepted the TCP
+/// connection, and acknowledges the stream's first packet within milliseconds. Nothing at all
+/// back means the peer is gone (a dead peer's UDP port sends nothing back) or the path drops
+/// UDP: another endpoint (or, for `auto`, pooled TLS) is tried. A peer that did send is waited
+/// for longer ([`Awaiting`]): its service is slow.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a finished stream waits for the peer to acknowledge its last bytes.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an inbound's established QUIC connections keep taking streams after the mesh
+/// switched to another transport, before they drain and close.
+const SWITCH_GRACE: Duration = Duration::from_secs(3);
 /// Concurrent proxied connections per peer connection.
 const MAX_STREAMS: u32 = 4096;
 
@@ -358,27 +363,32 @@ impl QuicClient {
         let fail = |e: String| QuicError::Upstream(Upstream::Connect(io::Error::other(e)));
         let hdr =
             header(peer.port(), service).ok_or_else(|| fail("service name too long".into()))?;
+        // The client's bytes follow the header at once; the stream's first read waits for the
+        // answer, until the same deadline (extended while the peer shows life).
+        let answer = Awaiting::new(conn);
+        let deadline = answer.deadline.deadline();
         let opened = async {
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            let (mut send, recv) = answer
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             send.write_all(&hdr)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             Ok(tokio::io::join(recv, send))
         };
-        // The client's bytes follow the header at once; the stream's first read waits for the
-        // answer, until the same deadline.
-        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT + conn.rtt() * 4;
         let stream = match tokio::time::timeout_at(deadline, opened).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                self.evict(&conn);
+                self.evict(&answer.conn);
                 return Err(QuicError::Timeout);
             }
         };
         Ok(Box::pin(QuicStream {
             inner: stream,
-            answer: Some((Box::pin(tokio::time::sleep_until(deadline)), conn)),
+            answer: Some(answer),
             finished: false,
         }) as BoxStream)
     }
@@ -424,17 +434,59 @@ impl std::fmt::Display for Refusal {
 /// error and drops the stream; an unfinished send half is then reset, not finished).
 struct QuicStream {
     inner: Duplex,
-    /// Until the server's answer has been read: its deadline. Writes go ahead meanwhile.
-    /// Its connection rides along, to evict it if the answer does not come.
-    answer: Option<(Pin<Box<tokio::time::Sleep>>, Connection)>,
+    /// Until the server's answer has been read. Writes go ahead meanwhile.
+    answer: Option<Awaiting>,
     finished: bool,
+}
+
+/// A stream's wait for the server's answer.
+struct Awaiting {
+    /// When to give up: first [`ANSWER_TIMEOUT`] and a few round trips, then — if the peer
+    /// has sent anything meanwhile — its connect timeout later.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The connection: to evict it if the answer does not come, and to see whether its peer
+    /// is sending.
+    conn: Connection,
+    /// The UDP datagrams received on `conn` when the stream was opened; `None` once the
+    /// deadline has been extended.
+    heard: Option<u64>,
+}
+
+impl Awaiting {
+    fn new(conn: Connection) -> Self {
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT + conn.rtt() * 4;
+        Awaiting {
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            heard: Some(conn.stats().udp_rx.datagrams),
+            conn,
+        }
+    }
+
+    /// Ready once the wait is over. At the first deadline, a peer that has sent nothing since
+    /// the stream was opened — not even the acknowledgement of its first packet, due within
+    /// milliseconds — is silent (UDP blocked, or the peer gone). One that has is alive and its
+    /// service slow to accept: it refuses the stream itself once its own connect timeout
+    /// ([`super::CONNECT_TIMEOUT`]) is up, so the wait is extended by that much, once.
+    fn poll_given_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        ready!(self.deadline.as_mut().poll(cx));
+        let Some(heard) = self.heard.take() else {
+            return Poll::Ready(());
+        };
+        if self.conn.stats().udp_rx.datagrams == heard {
+            return Poll::Ready(());
+        }
+        let later = self.deadline.deadline() + super::CONNECT_TIMEOUT;
+        self.deadline.as_mut().reset(later);
+        ready!(self.deadline.as_mut().poll(cx));
+        Poll::Ready(())
+    }
 }
 
 impl QuicStream {
     /// Reads the server's answer (a no-op once read): [`ACCEPTED`], or why not as an
     /// [`Unanswered`] error.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some((deadline, conn)) = self.answer.as_mut() else {
+        let Some(awaiting) = self.answer.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let mut byte = [0u8; 1];
@@ -469,7 +521,7 @@ impl QuicStream {
             // The connection was lost before any answer.
             Poll::Ready(Err(e)) => Upstream::Connect(io::Error::other(e)),
             Poll::Pending => {
-                ready!(deadline.as_mut().poll(cx));
+                ready!(awaiting.poll_given_up(cx));
                 Upstream::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no answer over QUIC",
@@ -477,7 +529,7 @@ impl QuicStream {
             }
         };
         // The answer stays awaited: a refused stream was not accepted (`answered` says so).
-        Poll::Ready(Err(Unanswered::io(why, Conn::Quic(conn.clone()))))
+        Poll::Ready(Err(Unanswered::io(why, Conn::Quic(awaiting.conn.clone()))))
     }
 }
 
@@ -493,6 +545,23 @@ impl Drop for QuicStream {
             // Dropped before a clean shutdown of our half (the TCP side failed): reset, so
             // the far end does not mistake it for a complete response.
             let _ = self.inner.writer_mut().reset(VarInt::from_u32(code::RESET));
+            return;
+        }
+        // Finished: the stream's last bytes and FIN may not be acknowledged yet, and if this
+        // was the connection's last handle (evicted from the pool, or of an older TLS
+        // generation) quinn would close it now and forget them. The wait holds a handle, so
+        // the connection lives until the peer has them (at most `FINISH_TIMEOUT`).
+        let mut acked = Box::pin(self.inner.writer_mut().stopped());
+        if acked
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+            .is_pending()
+        {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = tokio::time::timeout(FINISH_TIMEOUT, acked).await;
+                });
+            }
         }
     }
 }
@@ -530,8 +599,8 @@ impl tokio::io::AsyncWrite for QuicStream {
                 _ => None,
             };
             // (Stopped with a refusal's code, and not accepted meanwhile.)
-            if let (Some(r), Some((_, conn))) = (stopped, &self.answer) {
-                let conn = Conn::Quic(conn.clone());
+            if let (Some(r), Some(awaiting)) = (stopped, &self.answer) {
+                let conn = Conn::Quic(awaiting.conn.clone());
                 return Poll::Ready(Err(Unanswered::io(Upstream::Refused(r), conn)));
             }
         }
@@ -637,14 +706,19 @@ impl QuicInbound {
         let port = self.bind.port();
         let conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, incoming).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+            Ok(Err(e)) if tls_refusal(&e) => {
                 self.metrics.tls_failures.inc();
                 warn!(%peer, port, error = %e, "QUIC handshake failed");
                 return;
             }
+            // Not a TLS failure: the client gave up, or our answers do not reach it (UDP
+            // dropped on the way back: an `auto` client falls back to TLS and says so).
+            Ok(Err(e)) => {
+                debug!(%peer, port, error = %e, "QUIC handshake abandoned");
+                return;
+            }
             Err(_) => {
-                self.metrics.tls_failures.inc();
-                warn!(%peer, port, "QUIC handshake timed out");
+                debug!(%peer, port, "QUIC handshake timed out");
                 return;
             }
         };
@@ -667,10 +741,33 @@ impl QuicInbound {
         // Counted until this task lets go of the connection.
         let _tracked = stats::QUIC.track(stats::Side::Server, &conn);
         let streams = Arc::new(Tracker::default());
+        // Once the mesh no longer wants QUIC (switched to `tls` or `pooled`), the connection
+        // takes streams for a grace period — clients that have not heard of the switch yet
+        // keep working — then drains like a stopping inbound: without it, the client's
+        // keep-alives would hold an idle connection open for good.
+        let mut settings = self.settings.clone();
+        let unwanted_since = |s: &InboundState| (!wanted(s)).then(tokio::time::Instant::now);
+        let mut leave_at = unwanted_since(&settings.borrow_and_update()).map(|t| t + SWITCH_GRACE);
         loop {
             let accepted = tokio::select! {
                 s = conn.accept_bi() => s,
                 () = crate::shutdown::stopped(&mut stop) => break,
+                r = settings.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let now_unwanted = unwanted_since(&settings.borrow_and_update());
+                    leave_at = match (leave_at, now_unwanted) {
+                        (Some(t), Some(_)) => Some(t),
+                        (_, t) => t.map(|t| t + SWITCH_GRACE),
+                    };
+                    continue;
+                }
+                () = tokio::time::sleep_until(leave_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if leave_at.is_some() => {
+                    debug!(%peer, port, "the mesh no longer uses QUIC: closing the connection");
+                    break;
+                }
             };
             let Ok((send, recv)) = accepted else { return };
             let this = self.clone();
@@ -742,6 +839,18 @@ impl QuicInbound {
             Err(e) => debug!(%peer, port = ib.port, error = %e, "QUIC stream ended with an error"),
         }
     }
+}
+
+/// Whether a failed handshake was refused over TLS — a certificate either end did not accept,
+/// or no protocol in common (a TLS alert, as a QUIC crypto error) — rather than abandoned.
+fn tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return false,
+    };
+    // Crypto errors are 0x100 + the TLS alert (RFC 9001, 4.8).
+    (0x100..0x200).contains(&u64::from(code))
 }
 
 /// Binds an endpoint on `addr` (UDP): a server endpoint with `config`, else a client one.

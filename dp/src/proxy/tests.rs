@@ -145,18 +145,24 @@ fn quic_packet_ceiling_follows_the_largest_interface() {
     assert_eq!(ceiling_for(None), MAX_UDP_PAYLOAD);
 }
 
+/// Credentials of `spiffe://m/web`, and a peer whose UDP port never answers (a bound socket
+/// nobody reads; keep it) and whose TCP port refuses at once: the socket and its address.
+fn web_and_a_silent_peer() -> (Arc<TlsState>, std::net::UdpSocket, String) {
+    use crate::test_util::{TestCa, now_unix};
+    let ca = TestCa::new("ca");
+    let creds = tls::tests::creds(&ca, &["spiffe://m/web"], now_unix() + 3600);
+    let tls = Arc::new(TlsState::new(1, "m", &creds, &ca.cert_pem).unwrap());
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    (tls, silent, addr)
+}
+
 /// `auto` to a peer whose UDP port never answers: connections that arrive while the first
 /// QUIC handshake is still waiting fall back within a second too, not one handshake timeout
 /// after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_auto_connections_fall_back_within_a_second() {
-    use crate::test_util::{TestCa, now_unix};
-    let ca = TestCa::new("ca");
-    let creds = tls::tests::creds(&ca, &["spiffe://m/web"], now_unix() + 3600);
-    let tls = Arc::new(TlsState::new(1, "m", &creds, &ca.cert_pem).unwrap());
-    // UDP blackholed: a bound socket nobody reads. TCP on that port refuses at once.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap().to_string();
+    let (tls, _silent, addr) = web_and_a_silent_peer();
     let dialer = Arc::new(Dialer::default());
     let start = Instant::now();
     let tasks: Vec<_> = (0..5)
@@ -182,4 +188,59 @@ async fn concurrent_auto_connections_fall_back_within_a_second() {
         assert!(!ok, "nothing listens on TCP either");
         assert!(took < Duration::from_secs(1), "fell back after {took:?}");
     }
+}
+
+/// `quic` and `auto` keep their own record of silent peers: after a switch from `quic`, a peer
+/// `quic` has just left alone is still tried over QUIC by `auto` (which then falls back, and
+/// says so) rather than sent to pooled TLS unannounced — nor does `auto`'s 30 s fallback make
+/// `quic` refuse a peer without trying.
+#[tokio::test]
+async fn quic_and_auto_keep_their_own_silent_peers() {
+    let (tls, _silent, addr) = web_and_a_silent_peer();
+    // Tries `t` on a dialer; how long it took (nothing answers: it fails).
+    let connect = |dialer: &Arc<Dialer>, t: Transport| {
+        let (dialer, addr, tls) = (dialer.clone(), addr.clone(), tls.clone());
+        async move {
+            let start = Instant::now();
+            let r = dialer
+                .connect(
+                    t,
+                    &addr,
+                    "backend",
+                    Some(&tls),
+                    Duration::from_millis(300),
+                    Duration::from_secs(10),
+                )
+                .await;
+            assert!(r.is_err(), "nothing answers");
+            start.elapsed()
+        }
+    };
+    let tried = Duration::from_millis(250);
+    let dialer = Arc::new(Dialer::default());
+    assert!(
+        connect(&dialer, Transport::Quic).await >= tried,
+        "quic tries first"
+    );
+    assert!(
+        connect(&dialer, Transport::Quic).await < tried,
+        "then leaves the peer alone"
+    );
+    let took = connect(&dialer, Transport::Auto).await;
+    assert!(
+        took >= transport::AUTO_QUIC_TIMEOUT,
+        "auto tried QUIC: {took:?}"
+    );
+    assert!(
+        connect(&dialer, Transport::Auto).await < tried,
+        "then uses pooled TLS"
+    );
+    // The other way round: `auto` gave up on the peer (for 30 s); `quic` still tries it.
+    let dialer = Arc::new(Dialer::default());
+    assert!(connect(&dialer, Transport::Auto).await >= transport::AUTO_QUIC_TIMEOUT);
+    let took = connect(&dialer, Transport::Quic).await;
+    assert!(
+        took >= tried,
+        "quic tried the peer auto gave up on: {took:?}"
+    );
 }

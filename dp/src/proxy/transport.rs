@@ -141,8 +141,12 @@ fn timed_out(why: &Upstream) -> bool {
 pub struct Dialer {
     quic: QuicClient,
     pool: PoolClient,
-    /// Peers whose QUIC handshake or stream got no answer: `quic` leaves them alone (other
-    /// endpoints are tried) and `auto` reaches them over pooled TLS until `until`.
+    /// `quic`: peers whose QUIC handshake or stream got no answer, left alone (other
+    /// endpoints are tried) until then.
+    down: Mutex<HashMap<SocketAddr, Instant>>,
+    /// `auto`: peers whose QUIC handshake or stream got no answer, reached over pooled TLS.
+    /// Apart from `down`: a mesh switched from one to the other starts afresh (a peer `quic`
+    /// left alone for a moment is tried, and a fallback is logged).
     silent: Mutex<HashMap<SocketAddr, Silent>>,
 }
 
@@ -209,7 +213,7 @@ impl Dialer {
             ))
         })?;
         if transport == Transport::Quic {
-            if self.silent_now(peer) {
+            if self.down_now(peer) {
                 return Err(Upstream::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the peer did not answer over QUIC a moment ago",
@@ -218,7 +222,7 @@ impl Dialer {
             return match self.quic.open(peer, service, tls, connect_timeout).await {
                 Ok(s) => Ok((s, Via::Quic)),
                 Err(QuicError::Timeout) => {
-                    self.mark_silent(peer, QUIC_PEER_DOWN_FOR);
+                    self.mark_down(peer);
                     Err(Upstream::Connect(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no answer over QUIC",
@@ -281,23 +285,23 @@ impl Dialer {
                     self.quic_silent(peer, service);
                     return true;
                 }
-                self.mark_silent(peer, QUIC_PEER_DOWN_FOR);
+                self.mark_down(peer);
                 false
             }
             _ => false,
         }
     }
 
-    /// The silent peers (a poisoned lock still holds nothing but deadlines: used as is).
-    fn silent(&self) -> MutexGuard<'_, HashMap<SocketAddr, Silent>> {
-        self.silent.lock().unwrap_or_else(|e| e.into_inner())
+    /// `quic`'s peers left alone (a poisoned lock still holds nothing but deadlines: used as is).
+    fn down(&self) -> MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `quic`: whether `peer` is being left alone (forgotten once its time is up).
-    fn silent_now(&self, peer: SocketAddr) -> bool {
-        let mut map = self.silent();
+    fn down_now(&self, peer: SocketAddr) -> bool {
+        let mut map = self.down();
         match map.get(&peer) {
-            Some(s) if s.until > Instant::now() => true,
+            Some(until) if *until > Instant::now() => true,
             Some(_) => {
                 map.remove(&peer);
                 false
@@ -306,10 +310,21 @@ impl Dialer {
         }
     }
 
-    /// Records that `peer` did not answer over QUIC, for `for_` from now; returns whether it
-    /// was answering until now.
-    fn mark_silent(&self, peer: SocketAddr, for_: Duration) -> bool {
-        let until = Instant::now() + for_;
+    /// `quic`: leaves `peer` alone for [`QUIC_PEER_DOWN_FOR`].
+    fn mark_down(&self, peer: SocketAddr) {
+        self.down()
+            .insert(peer, Instant::now() + QUIC_PEER_DOWN_FOR);
+    }
+
+    /// `auto`'s silent peers (as [`Self::down`]).
+    fn silent(&self) -> MutexGuard<'_, HashMap<SocketAddr, Silent>> {
+        self.silent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `auto`: records that `peer` did not answer over QUIC, for [`RETRY_QUIC_AFTER`] from
+    /// now; returns whether it was answering until now.
+    fn mark_silent(&self, peer: SocketAddr) -> bool {
+        let until = Instant::now() + RETRY_QUIC_AFTER;
         self.silent()
             .insert(
                 peer,
@@ -323,7 +338,7 @@ impl Dialer {
 
     /// `auto`: `peer` did not answer over QUIC; pooled TLS for it from now on (logged once).
     fn quic_silent(&self, peer: SocketAddr, service: &str) {
-        if self.mark_silent(peer, RETRY_QUIC_AFTER) {
+        if self.mark_silent(peer) {
             warn!(
                 %peer,
                 service,
@@ -358,7 +373,7 @@ impl Dialer {
                 this.silent().remove(&peer);
                 info!(%peer, service, "QUIC answers again: back from pooled TLS");
             } else {
-                this.mark_silent(peer, RETRY_QUIC_AFTER);
+                this.mark_silent(peer);
             }
         });
     }

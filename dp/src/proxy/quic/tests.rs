@@ -29,12 +29,7 @@ async fn a_connection_closed_after_its_last_stream_delivers_the_whole_answer() {
         s.write_all(&vec![7u8; N]).await.unwrap();
     });
 
-    let server = endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(srv.quic_server.clone()),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = listen(&srv);
     let served = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
         let (send, recv) = conn.accept_bi().await.unwrap();
@@ -70,4 +65,157 @@ async fn a_connection_closed_after_its_last_stream_delivers_the_whole_answer() {
     assert!(got.iter().all(|&b| b == 7));
     let (to_service, from_service) = served.await.unwrap().unwrap();
     assert_eq!((to_service, from_service), (1, N as u64));
+}
+
+/// A server endpoint on loopback with `srv`'s QUIC configuration, and its address.
+fn listen(srv: &TlsState) -> (quinn::Endpoint, SocketAddr) {
+    let server = endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(srv.quic_server.clone()),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    (server, addr)
+}
+
+/// Two `TlsState`s of one mesh: the server holds `spiffe://m/b`, the client `spiffe://m/a`.
+fn pair() -> (TlsState, TlsState) {
+    let ca = TestCa::new("ca");
+    let later = now_unix() + 3600;
+    let srv = TlsState::new(1, "m", &creds(&ca, &["spiffe://m/b"], later), &ca.cert_pem).unwrap();
+    let cli = TlsState::new(1, "m", &creds(&ca, &["spiffe://m/a"], later), &ca.cert_pem).unwrap();
+    (srv, cli)
+}
+
+/// The client side of the drain path: a stream that finishes its upload and is dropped at
+/// once, while its connection is no longer pooled (evicted, or of an older TLS generation), is
+/// the connection's last handle. The server must still read the whole upload and a clean end:
+/// quinn closes a connection when its last handle goes and forgets unacknowledged data.
+#[tokio::test]
+async fn a_finished_stream_on_an_unpooled_connection_delivers_its_whole_upload() {
+    const N: usize = 8 << 20;
+    let (srv, cli) = pair();
+    let (server, addr) = listen(&srv);
+    let served = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        read_header(&mut recv).await.unwrap();
+        send.write_all(&[ACCEPTED]).await.unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => got += n,
+                Ok(None) => return Ok(got),
+                Err(e) => return Err(format!("{e} after {got} of {N} bytes")),
+            }
+        }
+    });
+
+    let client = QuicClient::default();
+    let mut stream = client
+        .open(addr, "b", &cli, Duration::from_secs(2))
+        .await
+        .unwrap();
+    stream.write_all(&vec![7u8; N]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    // The pool lets go of the connection (as an eviction does); the stream was its last handle.
+    drop(client);
+    drop(stream);
+    let got = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the server reads to the end")
+        .unwrap();
+    assert_eq!(got, Ok(N));
+}
+
+/// A server whose local service is slow to accept still acknowledges the stream: the client
+/// waits for its answer (here 1.5 s, past the silence deadline) rather than read it as a dead
+/// peer or blocked UDP. One that never answers is given up on once the server's own connect
+/// timeout is past too, not waited for forever.
+#[tokio::test]
+async fn a_slow_service_is_waited_for_and_a_stuck_one_given_up_on() {
+    let (srv, cli) = pair();
+    let (server, addr) = listen(&srv);
+    tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        // First stream: accepted after 1.5 s, then echoes. Second: never answered.
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        read_header(&mut recv).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        send.write_all(&[ACCEPTED]).await.unwrap();
+        let mut b = [0u8; 4];
+        recv.read_exact(&mut b).await.unwrap();
+        send.write_all(&b).await.unwrap();
+        let (_send, _recv) = conn.accept_bi().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+
+    let client = QuicClient::default();
+    let timeout = Duration::from_secs(2);
+    let start = std::time::Instant::now();
+    let mut slow = client.open(addr, "b", &cli, timeout).await.unwrap();
+    slow.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    let r = slow.read_exact(&mut b).await;
+    assert!(r.is_ok(), "slow service: {r:?} after {:?}", start.elapsed());
+    assert_eq!(&b, b"ping");
+    assert!(start.elapsed() >= Duration::from_millis(1400));
+
+    let start = std::time::Instant::now();
+    let mut stuck = client.open(addr, "b", &cli, timeout).await.unwrap();
+    stuck.write_all(b"ping").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), stuck.read_exact(&mut b))
+        .await
+        .expect("given up on")
+        .unwrap_err();
+    let took = start.elapsed();
+    let u = crate::proxy::transport::unanswered(&e).expect("unanswered");
+    assert!(
+        matches!(&u.why, Upstream::Connect(e) if e.kind() == io::ErrorKind::TimedOut),
+        "{e}"
+    );
+    assert!(
+        took >= ANSWER_TIMEOUT + super::super::CONNECT_TIMEOUT,
+        "gave up after {took:?}"
+    );
+}
+
+/// Only a handshake refused over TLS (a crypto error: a TLS alert, from either end) counts as
+/// a TLS failure on the server; a client that gave up or timed out does not.
+#[tokio::test]
+async fn only_crypto_errors_are_tls_refusals() {
+    use quinn::{ApplicationClose, ConnectionClose, ConnectionError, TransportErrorCode};
+    let closed = |error_code| {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    };
+    assert!(tls_refusal(&closed(TransportErrorCode::crypto(42))));
+    assert!(!tls_refusal(&closed(TransportErrorCode::APPLICATION_ERROR)));
+    assert!(!tls_refusal(&ConnectionError::ApplicationClosed(
+        ApplicationClose {
+            error_code: VarInt::from_u32(0),
+            reason: bytes::Bytes::new(),
+        }
+    )));
+    assert!(!tls_refusal(&ConnectionError::TimedOut));
+    assert!(!tls_refusal(&ConnectionError::LocallyClosed));
+
+    // For real: a client of another mesh is refused by the server's certificate check; a
+    // client that closes its connection (as one does that gives up on a handshake) is not.
+    let (srv, _) = pair();
+    let other = TestCa::new("other");
+    let foreign = creds(&other, &["spiffe://m/a"], now_unix() + 3600);
+    let foreign = TlsState::new(1, "m", &foreign, &other.cert_pem).unwrap();
+    let (server, addr) = listen(&srv);
+    let client = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let connecting = client
+        .connect_with(foreign.quic_client_for("b").unwrap(), addr, "b")
+        .unwrap();
+    let (accepted, _) = tokio::join!(async { server.accept().await.unwrap().await }, connecting);
+    let e = accepted.expect_err("a foreign client is refused");
+    assert!(tls_refusal(&e), "{e:?}");
 }
