@@ -19,6 +19,8 @@
 //! - Inbound endpoints listen on the inbound's port over UDP while the mesh's transport is
 //!   `quic` or `auto`; their server configuration follows certificate rotation (new
 //!   connections get the new certificate, established connections and their streams stay).
+//!   When the mesh leaves QUIC, new handshakes are refused and established connections drain
+//!   after [`SWITCH_GRACE`].
 //! - Client connections are pooled per (peer, service, TLS generation): after a rotation new
 //!   streams go over a new connection and the old one closes when its last stream ends.
 
@@ -364,7 +366,7 @@ impl QuicClient {
         let hdr =
             header(peer.port(), service).ok_or_else(|| fail("service name too long".into()))?;
         // The client's bytes follow the header at once; the stream's first read waits for the
-        // answer, until the same deadline (extended while the peer shows life).
+        // answer, until the same deadline (extended once if the peer has sent anything).
         let answer = Awaiting::new(conn);
         let deadline = answer.deadline.deadline();
         let opened = async {
