@@ -194,14 +194,19 @@ impl Proxy {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut inbounds: BTreeMap<u16, Running<InboundState>> = BTreeMap::new();
         let mut outbounds: BTreeMap<(IpAddr, u16), Running<OutboundState>> = BTreeMap::new();
-        loop {
+        let mut sweep = tokio::time::interval(transport::POOL_UNUSED / 5);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'config: loop {
             let applied = self.config.borrow_and_update().clone();
             if let Some(a) = applied {
                 self.reconcile(&a, &mut inbounds, &mut outbounds);
             }
-            tokio::select! {
-                r = self.config.changed() => if r.is_err() { break },
-                () = crate::shutdown::stopped(&mut stop) => break,
+            loop {
+                tokio::select! {
+                    r = self.config.changed() => if r.is_err() { break 'config } else { break },
+                    () = crate::shutdown::stopped(&mut stop) => break 'config,
+                    _ = sweep.tick() => self.dialer.release_unused(),
+                }
             }
         }
         info!("listeners closing");

@@ -363,6 +363,12 @@ impl PoolClient {
         })))
     }
 
+    /// Drops the connections no stream has asked for since `since` from the pool: each closes
+    /// once its last stream has ended.
+    pub fn release_unused(&self, since: std::time::Instant) {
+        self.pool.release_unused(since);
+    }
+
     /// Drops the pooled connection in `slot` to `address` for `service` (it did not answer a
     /// stream) if it is still pooled: the next stream connects afresh.
     pub(crate) fn forget(&self, address: &str, service: &str, tls: &TlsState, slot: &Slot<Sender>) {

@@ -267,6 +267,12 @@ impl QuicClient {
         self.connection(peer, service, tls, timeout).await.map(drop)
     }
 
+    /// Drops the connections no stream has asked for since `since` from the pool: each closes
+    /// once its last stream has ended.
+    pub fn release_unused(&self, since: std::time::Instant) {
+        self.pool.release_unused(since);
+    }
+
     /// Drops `conn` from the pool (it did not answer a stream, or its peer is draining): new
     /// streams go over a new connection (the old one lives while it has streams, or until its
     /// idle timeout).

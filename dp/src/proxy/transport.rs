@@ -32,6 +32,9 @@ use crate::model::Transport;
 pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long `auto` uses TLS for a peer that did not answer QUIC, before probing again.
 pub const RETRY_QUIC_AFTER: Duration = Duration::from_secs(30);
+/// How long a pooled connection (QUIC or HTTP/2) stays open once no new stream has asked for
+/// it: then it closes as soon as the streams it still carries have ended.
+pub const POOL_UNUSED: Duration = Duration::from_secs(300);
 /// How long `quic` leaves a peer alone that did not answer (other endpoints are tried).
 const QUIC_PEER_DOWN_FOR: Duration = Duration::from_secs(5);
 
@@ -247,6 +250,16 @@ impl Dialer {
             }
             Err(QuicError::Upstream(e)) => Err(e),
         }
+    }
+
+    /// Lets go of the pooled connections (QUIC and HTTP/2) no new stream has asked for in
+    /// [`POOL_UNUSED`]: to a peer no longer used, or since the mesh switched transport.
+    pub fn release_unused(&self) {
+        let Some(since) = Instant::now().checked_sub(POOL_UNUSED) else {
+            return;
+        };
+        self.quic.release_unused(since);
+        self.pool.release_unused(since);
     }
 
     /// After a stream [`connect`](Self::connect) opened over `via` failed unanswered (`u`),
