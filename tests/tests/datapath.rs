@@ -1030,23 +1030,87 @@ fn a_quic_carries_web_to_backend_over_udp_only() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn j_auto_falls_back_to_pooled_tls_when_udp_is_blocked_and_returns_to_quic() -> Result<()> {
-    let shop = Shop::new(1, true, None, T::Auto)?;
-    // UDP to backend's host dropped by its own firewall, before any traffic.
-    let h3 = shop.mesh.host(3).clone();
-    let nft = |script: &str| -> Result<()> {
-        let out = h3.run(["nft", script]);
+/// Starts `weft-testapp load` on web's host against web's outbound (one GET every `interval`
+/// for `duration`, each failing after `timeout` if given); [`summary`] reads its result.
+fn load_from_web(
+    mesh: &MeshBed,
+    name: &str,
+    duration: &str,
+    interval: &str,
+    timeout: Option<&str>,
+) -> Result<Proc> {
+    let url = format!("{WEB_URL}/");
+    let mut args = vec![
+        "load",
+        "--url",
+        &url,
+        "--duration",
+        duration,
+        "--interval",
+        interval,
+    ];
+    if let Some(t) = timeout {
+        args.extend(["--timeout", t]);
+    }
+    mesh.testapp(2, name, &args)
+}
+
+/// A firewall inside a test host: an nftables table `weft_test` with input and output chains
+/// (policy accept) for the test's drop rules.
+struct Firewall<'a>(&'a weft_e2e::netns::Host);
+
+impl<'a> Firewall<'a> {
+    fn on(host: &'a weft_e2e::netns::Host) -> Result<Self> {
+        let fw = Firewall(host);
+        fw.nft("add table inet weft_test")?;
+        for hook in ["input", "output"] {
+            fw.nft(&format!(
+                "add chain inet weft_test {hook} {{ type filter hook {hook} priority 0; policy accept; }}"
+            ))?;
+        }
+        Ok(fw)
+    }
+
+    /// Runs one `nft` command (a whole rule or table statement as one argument).
+    fn nft(&self, script: &str) -> Result<()> {
+        let out = self.0.run(["nft", script]);
         ensure!(
             out.status.success(),
             "nft {script}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
-    };
-    nft("add table inet weft_test")?;
-    nft("add chain inet weft_test input { type filter hook input priority 0; policy accept; }")?;
-    nft("add rule inet weft_test input udp dport 10002 counter drop")?;
+    }
+
+    /// Drops UDP to (`input`) or from (`output`) local port `port`, counting what it drops.
+    fn drop_udp(&self, hook: &str, port: u16) -> Result<()> {
+        let dir = if hook == "input" { "dport" } else { "sport" };
+        self.nft(&format!(
+            "add rule inet weft_test {hook} udp {dir} {port} counter drop"
+        ))
+    }
+
+    /// Whether the rules of chain `hook` have dropped any packet.
+    fn dropped(&self, hook: &str) -> bool {
+        let out = self
+            .0
+            .run(["nft", "list", "chain", "inet", "weft_test", hook]);
+        let listing = String::from_utf8_lossy(&out.stdout);
+        listing.contains("counter packets ") && !listing.contains("counter packets 0 ")
+    }
+
+    fn open(self) -> Result<()> {
+        self.nft("delete table inet weft_test")
+    }
+}
+
+#[test]
+fn j_auto_falls_back_to_pooled_tls_when_udp_is_blocked_and_returns_to_quic() -> Result<()> {
+    let shop = Shop::new(1, true, None, T::Auto)?;
+    // UDP to backend's host dropped by its own firewall, before any traffic.
+    let h3 = shop.mesh.host(3).clone();
+    let fw = Firewall::on(&h3)?;
+    fw.drop_udp("input", 10002)?;
     let t0 = Instant::now();
     let (code, body) = shop.mesh.curl(2, &format!("{WEB_URL}/first"));
     let first = t0.elapsed();
@@ -1060,33 +1124,135 @@ fn j_auto_falls_back_to_pooled_tls_when_udp_is_blocked_and_returns_to_quic() -> 
     check_transport(&shop.web, T::Pooled)?;
     let warnings = shop.web.proc.log().matches("UDP blocked?").count();
     assert_eq!(warnings, 1, "{}", shop.web.proc.log());
-    let dropped = h3.run(["nft", "list", "chain", "inet", "weft_test", "input"]);
-    ensure!(
-        !String::from_utf8_lossy(&dropped.stdout).contains("packets 0 "),
-        "the drop rule saw no packet: {}",
-        String::from_utf8_lossy(&dropped.stdout)
-    );
+    ensure!(fw.dropped("input"), "the drop rule saw no packet");
     // UDP open again: within the retry period QUIC is probed and used again, still nothing fails.
-    nft("delete table inet weft_test")?;
-    let load = shop.mesh.testapp(
-        2,
-        "load",
-        &[
-            "load",
-            "--url",
-            &format!("{WEB_URL}/"),
-            "--duration",
-            "40s",
-            "--interval",
-            "50ms",
-        ],
-    )?;
+    fw.open()?;
+    let load = load_from_web(&shop.mesh, "load", "40s", "50ms", None)?;
     wait_for("streams over QUIC again", Duration::from_secs(40), || {
         (shop.web.metric("weft_dp_quic_streams_total", &["outbound"]) > 0.0).then_some(())
     })?;
     ensure!(shop.web.proc.log().contains("QUIC answers again"));
     let v = summary(&load, Duration::from_secs(60))?;
     assert_eq!(v["failed"], 0, "{v}");
+    Ok(())
+}
+
+/// UDP dropped only on the way back (backend's answers to QUIC handshakes never reach web), as
+/// the first traffic is ten connections started within 50 ms: each falls back to pooled TLS
+/// within a second, none fails, the fallback is logged once, and the backend does not count
+/// the handshakes web gave up on as TLS failures (they are a path problem, not a refused
+/// certificate).
+#[test]
+fn j_auto_falls_back_for_concurrent_first_connections_when_only_answers_are_dropped() -> Result<()>
+{
+    let shop = Shop::new(1, true, None, T::Auto)?;
+    let h3 = shop.mesh.host(3).clone();
+    let fw = Firewall::on(&h3)?;
+    fw.drop_udp("output", 10002)?;
+    let url = format!("{WEB_URL}/");
+    let first = load_from_web(&shop.mesh, "first", "50ms", "5ms", Some("1s"))?;
+    let v = summary(&first, Duration::from_secs(10))?;
+    assert_eq!(v["failed"], 0, "each must succeed within 1 s: {v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) >= 9, "{v}");
+    ensure!(fw.dropped("output"), "backend's answers were not dropped");
+    // Steady traffic past the backend's QUIC handshake timeout (10 s): all over pooled TLS.
+    let v = shop.mesh.load(2, &url, "11s", "50ms")?;
+    assert_eq!(v["failed"], 0, "{v}");
+    check_transport(&shop.web, T::Pooled)?;
+    let warnings = shop.web.proc.log().matches("UDP blocked?").count();
+    assert_eq!(warnings, 1, "{}", shop.web.proc.log());
+    let backend = &shop.backends[0].0;
+    let failures = backend.metric("weft_dp_tls_handshake_failures_total", &["inbound"]);
+    assert_eq!(failures, 0.0, "{}", backend.proc.log());
+    Ok(())
+}
+
+/// UDP dropped both ways under an established QUIC connection, with requests every 50 ms: new
+/// streams get no acknowledgement, so within 0.5 s web reads the connection as silent and
+/// sends them, and everything after, over pooled TLS (logged once). Only a request whose
+/// stream was already accepted when the block came can fail: at 50 ms between ~1 ms
+/// requests, at most one.
+#[test]
+fn j_auto_falls_back_when_udp_is_blocked_under_an_established_connection() -> Result<()> {
+    let shop = Shop::new(1, true, None, T::Auto)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    check_transport(&shop.web, T::Auto)?;
+    let quic_streams = || shop.web.metric("weft_dp_quic_streams_total", &["outbound"]);
+    let load = load_from_web(&shop.mesh, "load", "8s", "50ms", Some("3s"))?;
+    let before = quic_streams();
+    wait_for("the load over QUIC", Duration::from_secs(5), || {
+        (quic_streams() >= before + 20.0).then_some(())
+    })?;
+    let h3 = shop.mesh.host(3).clone();
+    let fw = Firewall::on(&h3)?;
+    fw.drop_udp("input", 10002)?;
+    fw.drop_udp("output", 10002)?;
+    let pooled = || {
+        shop.web
+            .metric("weft_dp_pooled_streams_total", &["outbound"])
+    };
+    wait_for("streams over pooled TLS", Duration::from_secs(3), || {
+        (pooled() > 0.0).then_some(())
+    })?;
+    let v = summary(&load, Duration::from_secs(20))?;
+    ensure!(
+        v["failed"].as_u64().unwrap_or(u64::MAX) <= 1,
+        "more than the one request in flight failed: {v}"
+    );
+    ensure!(
+        pooled() >= 80.0,
+        "pooled TLS carried the rest: {}",
+        pooled()
+    );
+    ensure!(fw.dropped("input"), "the drop rule saw no packet");
+    let warnings = shop.web.proc.log().matches("UDP blocked?").count();
+    assert_eq!(warnings, 1, "{}", shop.web.proc.log());
+    eprintln!("blocked under load: {v}");
+    Ok(())
+}
+
+/// The mesh's transport changed at runtime, under steady traffic, from `quic` to `tls` and
+/// back: no request fails; after the switch to `tls` new connections go over TLS and the QUIC
+/// connections close on both sides (the inbound drains them after a 3 s grace), and after the
+/// switch back streams go over QUIC again.
+#[test]
+fn m_quic_to_tls_and_back_at_runtime_fails_no_request_and_closes_quic_connections() -> Result<()> {
+    let shop = Shop::new(1, true, None, T::Quic)?;
+    shop.wait_working(Duration::from_secs(10))?;
+    let backend = &shop.backends[0].0;
+    let load = load_from_web(&shop.mesh, "load", "25s", "20ms", None)?;
+    let open = |dp: &Dataplane, side: &str| quic_metric(dp, "weft_dp_quic_connections", side);
+    wait_for("QUIC connections", Duration::from_secs(5), || {
+        (open(&shop.web, "client") >= 1.0 && open(backend, "server") >= 1.0).then_some(())
+    })?;
+    let streams = |t: &str| {
+        shop.web
+            .metric(&format!("weft_dp_{t}_streams_total"), &["outbound"])
+    };
+    shop.mesh.apply("mesh", &T::Tls.mesh(MESH_CA1))?;
+    wait_for(
+        "QUIC closed on both sides after the switch to tls",
+        Duration::from_secs(10),
+        || (open(&shop.web, "client") == 0.0 && open(backend, "server") == 0.0).then_some(()),
+    )?;
+    // Traffic goes on over TLS (resumed handshakes), none over QUIC.
+    let quic_after = streams("quic");
+    let resumed = || shop.web.metric("weft_dp_tls_resumed_total", &["outbound"]);
+    let resumed_then = resumed();
+    wait_for("requests over TLS", Duration::from_secs(5), || {
+        (resumed() >= resumed_then + 20.0).then_some(())
+    })?;
+    ensure!(
+        streams("quic") == quic_after,
+        "QUIC streams opened on a tls mesh"
+    );
+    shop.mesh.apply("mesh", &T::Quic.mesh(MESH_CA1))?;
+    wait_for("streams over QUIC again", Duration::from_secs(10), || {
+        (streams("quic") > quic_after + 20.0).then_some(())
+    })?;
+    let v = summary(&load, Duration::from_secs(40))?;
+    assert_eq!(v["failed"], 0, "{v}");
+    ensure!(v["ok"].as_u64().unwrap_or(0) > 900, "{v}");
     Ok(())
 }
 
