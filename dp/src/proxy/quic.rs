@@ -302,11 +302,21 @@ impl QuicClient {
                 k.2 == tls.generation && t.conn().close_reason().is_none()
             });
             let init = cell.get_or_try_init(|| async {
-                let c = self.handshake(peer, service, tls, timeout).await?;
+                // A caller that queued on a handshake which was given up has little of its
+                // time left: the peer did not answer that one, a new one is not worth it (ten
+                // requests 5 ms apart sent ten Initials, each abandoned within milliseconds).
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left < timeout / 2 {
+                    return Err(QuicError::Timeout);
+                }
+                let c = self.handshake(peer, service, tls, left).await?;
                 Ok::<_, QuicError>(stats::QUIC.track(stats::Side::Client, &c))
             });
-            let Ok(tracked) = tokio::time::timeout_at(deadline, init).await else {
-                return Err(QuicError::Timeout);
+            // The deadline first: a caller past it starts nothing.
+            let tracked = tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => return Err(QuicError::Timeout),
+                t = init => t,
             };
             let conn = tracked?.conn().clone();
             if conn.close_reason().is_none() {
