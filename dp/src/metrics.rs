@@ -63,7 +63,9 @@ pub struct ProxyMetrics {
     pub bytes_to_upstream: Family<ListenerLabels, Counter>,
     /// Bytes from the upstream back to the downstream client.
     pub bytes_from_upstream: Family<ListenerLabels, Counter>,
-    /// TLS handshakes that failed (bad, expired, foreign or missing certificate; timeouts).
+    /// TLS handshakes that failed (bad, expired, foreign or missing certificate; over TCP,
+    /// timeouts too). Over QUIC only handshakes refused over TLS count: one the client gave up
+    /// on or that timed out is a UDP path problem, logged at debug.
     pub tls_failures: Family<ListenerLabels, Counter>,
     /// Upstream connects that failed, or streams the peer refused or did not answer (each
     /// attempt).

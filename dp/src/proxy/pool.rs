@@ -20,6 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -295,6 +296,11 @@ impl PoolClient {
             handshake_timeout,
         )
         .await?;
+        let reads = Arc::new(AtomicU64::new(0));
+        let stream = Counted {
+            inner: stream,
+            reads: reads.clone(),
+        };
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -304,7 +310,7 @@ impl PoolClient {
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| Upstream::Tls(h2_io(e)))?;
-        tokio::spawn(drive(conn, address.to_owned()));
+        tokio::spawn(drive(conn, reads, address.to_owned()));
         debug!(peer = address, service, "pooled connection established");
         Ok(sender)
     }
@@ -377,8 +383,61 @@ impl PoolClient {
     }
 }
 
-/// Runs a client connection until it ends or stops answering keep-alive pings.
-async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>, peer: String)
+/// A pooled connection's byte stream, counting the reads that brought data: a peer that
+/// is sending is alive, however long its answer to a ping waits behind the data.
+struct Counted<S> {
+    inner: S,
+    reads: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Runs a client connection until it ends, or until its peer neither answers a keep-alive
+/// ping nor sends anything (`reads`: see [`Counted`]).
+async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>, reads: Arc<AtomicU64>, peer: String)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -387,26 +446,46 @@ where
         r = conn => if let Err(e) = r {
             debug!(peer, error = %e, "pooled connection ended");
         },
-        () = keep_alive(pings) => {
+        () = keep_alive(pings, &reads) => {
             // Dropping the connection closes it: its streams fail, the pool reconnects.
-            warn!(peer, "pooled connection: no answer to a keep-alive ping in {}s; closed",
-                KEEP_ALIVE_TIMEOUT.as_secs());
+            warn!(peer, "pooled connection: no answer to a keep-alive ping and nothing \
+                received in {}s; closed", KEEP_ALIVE_TIMEOUT.as_secs());
         }
     }
 }
 
-/// Pings the connection every [`KEEP_ALIVE`]; returns when an answer takes longer than
-/// [`KEEP_ALIVE_TIMEOUT`] (never without `pings`; a failed ping means the connection ended).
-async fn keep_alive(pings: Option<h2::PingPong>) {
+/// What the keep-alive pings (an HTTP/2 connection's [`h2::PingPong`]).
+trait Pinger {
+    /// One ping; whether the answer came (false: the connection ended).
+    fn round_trip(&mut self) -> impl Future<Output = bool> + Send + '_;
+}
+
+impl Pinger for h2::PingPong {
+    async fn round_trip(&mut self) -> bool {
+        self.ping(h2::Ping::opaque()).await.is_ok()
+    }
+}
+
+/// Pings every [`KEEP_ALIVE`]; returns when an answer has not come within
+/// [`KEEP_ALIVE_TIMEOUT`] and nothing else came either (`reads` did not move): a busy
+/// connection's answer may wait behind its data in the peer's send buffer. Never returns
+/// without `pings`, or once a ping failed (the connection ended).
+async fn keep_alive(pings: Option<impl Pinger>, reads: &AtomicU64) {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(KEEP_ALIVE).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return,
+        let answer = pings.round_trip();
+        tokio::pin!(answer);
+        loop {
+            let before = reads.load(Ordering::Relaxed);
+            match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, &mut answer).await {
+                Ok(true) => break,
+                Ok(false) => return std::future::pending().await,
+                Err(_) if reads.load(Ordering::Relaxed) != before => {}
+                Err(_) => return,
+            }
         }
     }
 }

@@ -289,7 +289,7 @@ impl QuicClient {
         service: &str,
         tls: &TlsState,
         timeout: Duration,
-    ) -> Result<Connection, QuicError> {
+    ) -> Result<Arc<stats::Tracked>, QuicError> {
         let key: Key = (peer, service.to_owned(), tls.generation);
         // One deadline for the caller, however many handshakes it waits on: callers that
         // queued on a handshake that timed out would otherwise each start the next one, a
@@ -318,9 +318,9 @@ impl QuicClient {
                 () = tokio::time::sleep_until(deadline) => return Err(QuicError::Timeout),
                 t = init => t,
             };
-            let conn = tracked?.conn().clone();
-            if conn.close_reason().is_none() {
-                return Ok(conn);
+            let tracked = tracked?.clone();
+            if tracked.conn().close_reason().is_none() {
+                return Ok(tracked);
             }
             self.pool.forget(&key, &cell);
         }
@@ -377,7 +377,8 @@ impl QuicClient {
         tls: &TlsState,
         timeout: Duration,
     ) -> Result<BoxStream, QuicError> {
-        let conn = self.connection(peer, service, tls, timeout).await?;
+        let tracked = self.connection(peer, service, tls, timeout).await?;
+        let conn = tracked.conn().clone();
         let fail = |e: String| QuicError::Upstream(Upstream::Connect(io::Error::other(e)));
         let hdr =
             header(peer.port(), service).ok_or_else(|| fail("service name too long".into()))?;
@@ -408,6 +409,7 @@ impl QuicClient {
             inner: stream,
             answer: Some(answer),
             finished: false,
+            _tracked: tracked,
         }) as BoxStream)
     }
 }
@@ -455,6 +457,9 @@ struct QuicStream {
     /// Until the server's answer has been read. Writes go ahead meanwhile.
     answer: Option<Awaiting>,
     finished: bool,
+    /// Keeps the connection in the QUIC metrics while the stream lives, also once the pool
+    /// has let go of it (evicted, released unused, older TLS generation).
+    _tracked: Arc<stats::Tracked>,
 }
 
 /// A stream's wait for the server's answer.
@@ -482,9 +487,12 @@ impl Awaiting {
 
     /// Ready once the wait is over. At the first deadline, a peer that has sent nothing since
     /// the stream was opened — not even the acknowledgement of its first packet, due within
-    /// milliseconds — is silent (UDP blocked, or the peer gone). One that has is alive and its
-    /// service slow to accept: it refuses the stream itself once its own connect timeout
-    /// ([`super::CONNECT_TIMEOUT`]) is up, so the wait is extended by that much, once.
+    /// milliseconds — is silent (UDP blocked, or the peer gone). One that has sent something
+    /// is taken as alive and its service slow to accept: it refuses the stream itself once
+    /// its own connect timeout ([`super::CONNECT_TIMEOUT`]) is up, so the wait is extended by
+    /// that much, once. (Any datagram counts: with only our direction blocked, a keep-alive
+    /// or retransmission from the peer inside the first window delays the verdict to the
+    /// extended deadline.)
     fn poll_given_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         ready!(self.deadline.as_mut().poll(cx));
         let Some(heard) = self.heard.take() else {

@@ -58,10 +58,14 @@ impl<K: Eq + Hash + Clone, T> Shared<K, T> {
         map.retain(|_, (c, _)| c.get().is_none_or(|t| !matches(t)));
     }
 
-    /// Forgets every filled slot no stream has asked for since `since`.
+    /// Forgets every slot no stream has asked for since `since`: filled ones, and empty ones
+    /// nobody holds (left by a failed handshake, for an address or TLS generation perhaps
+    /// never asked for again; one held has its handshake running).
     pub(crate) fn release_unused(&self, since: Instant) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (c, used)| c.get().is_none() || *used >= since);
+        map.retain(|_, (c, used)| {
+            *used >= since || (c.get().is_none() && Arc::strong_count(c) > 1)
+        });
     }
 }
 
@@ -87,18 +91,24 @@ mod tests {
         assert_eq!(now.get(), Some(&2));
     }
 
-    /// Releasing unused entries keeps the ones asked for since, and empty ones (a handshake may
-    /// be running).
+    /// Releasing unused entries keeps the ones asked for since, and empty ones someone holds
+    /// (a handshake running); an empty one nobody holds (a handshake failed) goes.
     #[tokio::test]
     async fn only_entries_unused_since_are_released() {
         let pool: Shared<&str, u32> = Shared::default();
         let keep = |_: &&str, _: &u32| true;
         pool.slot(&"idle", keep).get_or_init(|| async { 1 }).await;
         let pending = pool.slot(&"connecting", keep);
+        drop(pool.slot(&"failed", keep));
         let since = Instant::now();
         let busy = pool.slot(&"busy", keep);
         busy.get_or_init(|| async { 2 }).await;
         pool.release_unused(since);
+        let keys = pool.map.lock().unwrap().len();
+        assert_eq!(
+            keys, 2,
+            "busy and connecting kept, idle and failed released"
+        );
         assert_eq!(pool.slot(&"idle", keep).get(), None, "released");
         assert!(Arc::ptr_eq(&pool.slot(&"busy", keep), &busy), "kept");
         assert!(

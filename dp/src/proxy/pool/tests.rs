@@ -23,9 +23,12 @@ async fn pair() -> (
 async fn a_peer_that_stops_answering_pings_is_dropped() {
     let ((_sender, client), _frozen) = pair().await;
     let start = tokio::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(60), drive(client, "frozen".into()))
-        .await
-        .expect("closed by the keep-alive");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        drive(client, Arc::default(), "frozen".into()),
+    )
+    .await
+    .expect("closed by the keep-alive");
     let took = start.elapsed();
     assert!(
         took >= KEEP_ALIVE + KEEP_ALIVE_TIMEOUT && took < KEEP_ALIVE * 2 + KEEP_ALIVE_TIMEOUT,
@@ -34,6 +37,39 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
 
     let ((_sender, client), mut live) = pair().await;
     tokio::spawn(async move { while live.accept().await.is_some() {} });
-    let r = tokio::time::timeout(Duration::from_secs(120), drive(client, "live".into())).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(120),
+        drive(client, Arc::default(), "live".into()),
+    )
+    .await;
     assert!(r.is_err(), "a peer answering pings stays connected");
+}
+
+/// A peer that keeps sending but whose answer to the ping does not come (it waits behind the
+/// peer's data) is kept; once it has sent nothing for the timeout either, it is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_busy_peer_is_kept_though_its_answer_is_late() {
+    struct Unanswered;
+    impl Pinger for Unanswered {
+        fn round_trip(&mut self) -> impl Future<Output = bool> + Send + '_ {
+            std::future::pending()
+        }
+    }
+    let reads = Arc::new(AtomicU64::new(0));
+    let busy_for = Duration::from_secs(40);
+    let sender = reads.clone();
+    tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + busy_for;
+        while tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sender.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let start = tokio::time::Instant::now();
+    keep_alive(Some(Unanswered), &reads).await;
+    let took = start.elapsed();
+    assert!(
+        took >= busy_for && took <= busy_for + KEEP_ALIVE_TIMEOUT * 2,
+        "dropped after {took:?}"
+    );
 }

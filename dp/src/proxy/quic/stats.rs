@@ -3,13 +3,14 @@
 //! its outbounds; `server`: connections its inbounds accepted).
 //!
 //! quinn keeps the counts per connection; they are read at scrape time, not on the data path.
-//! What tracks a connection is a [`Tracked`] handle held by the connection's owner (the
-//! client's pool entry, the server's connection task); the list here only has weak references
-//! to them, so it never keeps a connection open (quinn closes a connection once its last
-//! handle is gone: a pooled connection evicted or of an older TLS generation closes when its
-//! last stream ends). When the owner lets go, the handle's final counts go into per-side
-//! totals, so the counters never go back (packets the connection still sends for streams
-//! that outlive the handle are not counted).
+//! What tracks a connection is a [`Tracked`] handle held by the connection's owners (the
+//! client's pool entry and each of its streams, the server's connection task); the list here
+//! only has weak references to them, so it never keeps a connection open (quinn closes a
+//! connection once its last handle is gone: a pooled connection evicted, released unused or
+//! of an older TLS generation closes when its last stream ends). When the last owner lets go,
+//! the handle's final counts go into per-side totals, so the counters never go back (what
+//! the connection still sends after that — a finished stream's last acknowledgements — is
+//! not counted).
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 

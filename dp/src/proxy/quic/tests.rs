@@ -204,8 +204,9 @@ async fn only_crypto_errors_are_tls_refusals() {
     assert!(!tls_refusal(&ConnectionError::TimedOut));
     assert!(!tls_refusal(&ConnectionError::LocallyClosed));
 
-    // For real: a client of another mesh is refused by the server's certificate check; a
-    // client that closes its connection (as one does that gives up on a handshake) is not.
+    // For real: a client of another mesh is refused by the server's certificate check. (A
+    // client giving up on a handshake is the e2e test
+    // `j_auto_falls_back_for_concurrent_first_connections_when_only_answers_are_dropped`.)
     let (srv, _) = pair();
     let other = TestCa::new("other");
     let foreign = creds(&other, &["spiffe://m/a"], now_unix() + 3600);
