@@ -230,9 +230,14 @@ type Key = (SocketAddr, String, u64);
 pub struct QuicClient {
     v4: OnceCell<quinn::Endpoint>,
     v6: OnceCell<quinn::Endpoint>,
-    /// Each connection with its metrics handle (the pool entry is what keeps it tracked).
-    pool: Shared<Key, Arc<stats::Tracked>>,
+    /// Each connection with its metrics handle (the pool entry is what keeps it tracked), or
+    /// why its handshake failed (for the callers queued on that handshake; the next lookup
+    /// starts afresh).
+    pool: Shared<Key, Entry>,
 }
+
+/// A pool entry: a connection, or its handshake's failure (other than a timeout).
+type Entry = Result<Arc<stats::Tracked>, QuicError>;
 
 /// Why a QUIC stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +248,16 @@ pub enum QuicError {
     /// Any other failure.
     #[error(transparent)]
     Upstream(Upstream),
+}
+
+impl QuicError {
+    /// The same failure, for another caller.
+    fn again(&self) -> QuicError {
+        match self {
+            QuicError::Timeout => QuicError::Timeout,
+            QuicError::Upstream(u) => QuicError::Upstream(u.again()),
+        }
+    }
 }
 
 impl QuicClient {
@@ -277,8 +292,10 @@ impl QuicClient {
     /// streams go over a new connection (the old one lives while it has streams, or until its
     /// idle timeout).
     pub fn evict(&self, conn: &Connection) {
-        self.pool
-            .forget_where(|t| t.conn().stable_id() == conn.stable_id());
+        self.pool.forget_where(|t| {
+            t.as_ref()
+                .is_ok_and(|t| t.conn().stable_id() == conn.stable_id())
+        });
     }
 
     /// A pooled connection to `peer` for `service`, connecting if there is none (concurrent
@@ -297,9 +314,9 @@ impl QuicClient {
         let deadline = tokio::time::Instant::now() + timeout;
         for _ in 0..2 {
             // Connections of older TLS generations take no new streams; they close when
-            // their last stream ends.
+            // their last stream ends. A failed handshake's entry is for those who waited on it.
             let cell = self.pool.slot(&key, |k, t| {
-                k.2 == tls.generation && t.conn().close_reason().is_none()
+                k.2 == tls.generation && t.as_ref().is_ok_and(|t| t.conn().close_reason().is_none())
             });
             let init = cell.get_or_try_init(|| async {
                 // A caller that queued on a handshake which was given up has little of its
@@ -309,8 +326,15 @@ impl QuicClient {
                 if left < timeout / 2 {
                     return Err(QuicError::Timeout);
                 }
-                let c = self.handshake(peer, service, tls, left).await?;
-                Ok::<_, QuicError>(stats::QUIC.track(stats::Side::Client, &c))
+                match self.handshake(peer, service, tls, left).await {
+                    Ok(c) => Ok(Ok(stats::QUIC.track(stats::Side::Client, &c))),
+                    // Not kept: a queued caller with time left tries a handshake of its own.
+                    Err(QuicError::Timeout) => Err(QuicError::Timeout),
+                    // Kept, so that every caller queued on this handshake gets its failure
+                    // (a refusal or a certificate the peer or this side rejected) rather than
+                    // a timeout of its own — which `auto` would take for UDP blocked.
+                    Err(e) => Ok(Err(e)),
+                }
             });
             // The deadline first: a caller past it starts nothing.
             let tracked = tokio::select! {
@@ -318,7 +342,10 @@ impl QuicClient {
                 () = tokio::time::sleep_until(deadline) => return Err(QuicError::Timeout),
                 t = init => t,
             };
-            let tracked = tracked?.clone();
+            let tracked = match tracked? {
+                Ok(t) => t.clone(),
+                Err(e) => return Err(e.again()),
+            };
             if tracked.conn().close_reason().is_none() {
                 return Ok(tracked);
             }

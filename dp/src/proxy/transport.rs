@@ -88,6 +88,18 @@ pub enum Upstream {
     Refused(Refusal),
 }
 
+impl Upstream {
+    /// The same failure, for another caller (an I/O error keeps its kind and message).
+    pub(crate) fn again(&self) -> Upstream {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Upstream::Connect(e) => Upstream::Connect(io(e)),
+            Upstream::Tls(e) => Upstream::Tls(io(e)),
+            Upstream::Refused(r) => Upstream::Refused(*r),
+        }
+    }
+}
+
 /// A stream's failure before its peer answered it (pooled TLS and QUIC streams carry the
 /// client's first bytes without waiting for the answer): the peer refused it — and forwarded
 /// nothing — or did not take it (HTTP/2 `REFUSED_STREAM`, GOAWAY), or its connection was lost
@@ -253,13 +265,19 @@ impl Dialer {
     }
 
     /// Lets go of the pooled connections (QUIC and HTTP/2) no new stream has asked for in
-    /// [`POOL_UNUSED`]: to a peer no longer used, or since the mesh switched transport.
+    /// [`POOL_UNUSED`]: to a peer no longer used, or since the mesh switched transport. Also
+    /// forgets the peers `quic` left alone whose time is up, and those `auto` moved to pooled
+    /// TLS and has not probed for as long (no stream asked for them): a peer asked for again
+    /// is tried over QUIC first, as a new one.
     pub fn release_unused(&self) {
-        let Some(since) = Instant::now().checked_sub(POOL_UNUSED) else {
+        let now = Instant::now();
+        let Some(since) = now.checked_sub(POOL_UNUSED) else {
             return;
         };
         self.quic.release_unused(since);
         self.pool.release_unused(since);
+        self.down().retain(|_, until| *until > now);
+        self.silent().retain(|_, s| s.probing || s.until > since);
     }
 
     /// After a stream [`connect`](Self::connect) opened over `via` failed unanswered (`u`),
@@ -424,4 +442,42 @@ pub(crate) async fn tcp_tls(
         .map_err(Upstream::Tls)?;
     let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     Ok((Box::pin(s) as BoxStream, Via::Tls { resumed }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peers left alone or moved to pooled TLS are forgotten once that no longer matters:
+    /// `quic`'s when their time is up, `auto`'s when not probed for [`POOL_UNUSED`] (no
+    /// stream asked for them) and no probe is running.
+    #[test]
+    fn peers_no_longer_asked_for_are_forgotten() {
+        let dialer = Dialer::default();
+        let now = Instant::now();
+        let (Some(ago), Some(long_ago)) = (
+            now.checked_sub(Duration::from_secs(1)),
+            now.checked_sub(POOL_UNUSED + Duration::from_secs(1)),
+        ) else {
+            return; // a clock too close to its origin to go back
+        };
+        let peer = |n: u16| SocketAddr::from(([10, 0, 0, 1], n));
+        dialer.down().insert(peer(1), ago);
+        dialer.down().insert(peer(2), now + QUIC_PEER_DOWN_FOR);
+        let silent = |until, probing| Silent { until, probing };
+        dialer.silent().insert(peer(3), silent(long_ago, false));
+        dialer.silent().insert(peer(4), silent(long_ago, true));
+        dialer.silent().insert(peer(5), silent(ago, false));
+        dialer.release_unused();
+        let mut down: Vec<_> = dialer.down().keys().map(SocketAddr::port).collect();
+        let mut silent: Vec<_> = dialer.silent().keys().map(SocketAddr::port).collect();
+        down.sort_unstable();
+        silent.sort_unstable();
+        assert_eq!(down, [2], "quic: only the peer still left alone");
+        assert_eq!(
+            silent,
+            [4, 5],
+            "auto: the peer being probed, the one due a probe"
+        );
+    }
 }

@@ -73,3 +73,43 @@ async fn a_busy_peer_is_kept_though_its_answer_is_late() {
         "dropped after {took:?}"
     );
 }
+
+/// An inbound's pooled connection whose client never sends the HTTP/2 preface (after a
+/// completed TLS handshake) is given up on after the handshake timeout, not held for good.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_sends_its_preface_is_given_up_on() {
+    use std::collections::BTreeMap;
+
+    use crate::model::{Inbound, MtlsMode, Transport};
+    let (_silent, io) = tokio::io::duplex(64 << 10);
+    let state = InboundState {
+        inbound: Inbound {
+            port: 1,
+            service_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            service_port: 2,
+            tags: BTreeMap::new(),
+            rules: Vec::new(),
+        },
+        mode: MtlsMode::Strict,
+        transport: Transport::Pooled,
+    };
+    let metrics = crate::metrics::Metrics::new();
+    let (_stop_tx, stop) = watch::channel(false);
+    let start = tokio::time::Instant::now();
+    let served = tokio::time::timeout(
+        Duration::from_secs(60),
+        serve(
+            io,
+            "127.0.0.1:9".parse().unwrap(),
+            Arc::default(),
+            watch::channel(Arc::new(state)).1,
+            metrics.proxy.listener("inbound", 1, "svc"),
+            stop,
+        ),
+    )
+    .await
+    .expect("serve returns");
+    let e = served.expect_err("no preface");
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    assert_eq!(start.elapsed(), super::super::HANDSHAKE_TIMEOUT);
+}

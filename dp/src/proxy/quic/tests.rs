@@ -220,3 +220,49 @@ async fn only_crypto_errors_are_tls_refusals() {
     let e = accepted.expect_err("a foreign client is refused");
     assert!(tls_refusal(&e), "{e:?}");
 }
+
+/// Callers queued on a handshake that fails late for another reason than silence (here the
+/// peer refuses the connection after 450 ms) get that failure, not a timeout of their own —
+/// `auto` takes a timeout for blocked UDP and moves the peer to pooled TLS for 30 s. They
+/// share the one handshake: the peer sees one connection attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_queued_on_a_failed_handshake_get_its_failure() {
+    let (srv, cli) = pair();
+    let (server, addr) = listen(&srv);
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = attempts.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(450)).await;
+            incoming.refuse();
+        }
+    });
+    let client = Arc::new(QuicClient::default());
+    let cli = Arc::new(cli);
+    let tasks: Vec<_> = (0..3u32)
+        .map(|i| {
+            let (client, cli) = (client.clone(), cli.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20) * i).await;
+                client
+                    .connect_only(addr, "b", &cli, Duration::from_millis(700))
+                    .await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert!(
+            matches!(r, Err(QuicError::Upstream(Upstream::Tls(_)))),
+            "caller {i}: {r:?}"
+        );
+    }
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The failure is not kept for later callers: the next one tries again.
+    let r = client
+        .connect_only(addr, "b", &cli, Duration::from_millis(700))
+        .await;
+    assert!(r.is_err());
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
