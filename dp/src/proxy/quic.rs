@@ -92,9 +92,10 @@ pub mod code {
 /// tracking). The ceiling actually used is [`packet_ceiling`]: on a host whose interfaces are
 /// all 1500 bytes it stays at quinn's 1452 (a higher one only sends probes the local kernel
 /// refuses, about a dozen per connection and re-search). Not the 8952 a 9000-byte frame
-/// would allow: quinn (0.11.12, a private constant) sends up to 10 packets in one GSO
-/// `sendmsg`, and the kernel takes at most 64 KiB per send; with bigger packets full batches
-/// were lost and black-hole detection took the connection down to 1200 bytes.
+/// would allow: when upstream quinn 0.11.12 sent 10 packets per GSO `sendmsg` whatever their
+/// size (the kernel takes at most 64 KiB per send), full batches of bigger packets were lost
+/// and black-hole detection took the connection down to 1200 bytes. The vendored quinn
+/// (`vendor/quinn/WEFT.md`) now caps each send at 64 KiB itself; 8952 is untested.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
 
 /// quinn's default probing ceiling: a 1500-byte frame with IPv6 and UDP headers.
@@ -131,11 +132,6 @@ pub(crate) fn ceiling_for(mtu: Option<u32>) -> u16 {
         .unwrap_or(u16::MAX)
         .clamp(ETHERNET_PAYLOAD, MAX_UDP_PAYLOAD)
 }
-
-/// Packets per GSO send in quinn 0.11 (`MAX_TRANSMIT_SEGMENTS`, not exported).
-const QUINN_GSO_BATCH: usize = 10;
-// A full GSO batch with IPv6 and UDP headers fits the kernel's 64 KiB per send.
-const _: () = assert!(QUINN_GSO_BATCH * MAX_UDP_PAYLOAD as usize + 48 <= 65_535);
 
 /// Transport parameters for both ends: many concurrent streams, no datagrams, windows sized
 /// for bulk transfers on a LAN while bounding what one peer can make the dataplane buffer,
