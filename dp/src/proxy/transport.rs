@@ -270,13 +270,17 @@ impl Dialer {
     /// TLS and has not probed for as long (no stream asked for them): a peer asked for again
     /// is tried over QUIC first, as a new one.
     pub fn release_unused(&self) {
-        let now = Instant::now();
+        self.release_unused_at(Instant::now());
+    }
+
+    /// [`Self::release_unused`] as of `now`.
+    fn release_unused_at(&self, now: Instant) {
+        self.down().retain(|_, until| *until > now);
         let Some(since) = now.checked_sub(POOL_UNUSED) else {
-            return;
+            return; // a host up for less than that: nothing can be unused for so long
         };
         self.quic.release_unused(since);
         self.pool.release_unused(since);
-        self.down().retain(|_, until| *until > now);
         self.silent().retain(|_, s| s.probing || s.until > since);
     }
 
@@ -454,21 +458,19 @@ mod tests {
     #[test]
     fn peers_no_longer_asked_for_are_forgotten() {
         let dialer = Dialer::default();
-        let now = Instant::now();
-        let (Some(ago), Some(long_ago)) = (
-            now.checked_sub(Duration::from_secs(1)),
-            now.checked_sub(POOL_UNUSED + Duration::from_secs(1)),
-        ) else {
-            return; // a clock too close to its origin to go back
-        };
+        // The sweep runs at `later`; the entries are dated from `earlier` (all in the future,
+        // so the test does not depend on how long the host has been up).
+        let earlier = Instant::now();
+        let later = earlier + POOL_UNUSED + Duration::from_secs(2);
+        let ago = later - Duration::from_secs(1);
         let peer = |n: u16| SocketAddr::from(([10, 0, 0, 1], n));
         dialer.down().insert(peer(1), ago);
-        dialer.down().insert(peer(2), now + QUIC_PEER_DOWN_FOR);
+        dialer.down().insert(peer(2), later + QUIC_PEER_DOWN_FOR);
         let silent = |until, probing| Silent { until, probing };
-        dialer.silent().insert(peer(3), silent(long_ago, false));
-        dialer.silent().insert(peer(4), silent(long_ago, true));
+        dialer.silent().insert(peer(3), silent(earlier, false));
+        dialer.silent().insert(peer(4), silent(earlier, true));
         dialer.silent().insert(peer(5), silent(ago, false));
-        dialer.release_unused();
+        dialer.release_unused_at(later);
         let mut down: Vec<_> = dialer.down().keys().map(SocketAddr::port).collect();
         let mut silent: Vec<_> = dialer.silent().keys().map(SocketAddr::port).collect();
         down.sort_unstable();
