@@ -87,16 +87,16 @@ pub mod code {
 
 /// The largest QUIC packet (UDP payload) a dataplane sends or accepts, where the path carries
 /// it: path MTU discovery (RFC 8899 probes) starts at 1200 bytes and searches up to this, so a
-/// link with jumbo frames carries a bulk transfer in 4.5× fewer packets than at quinn's own
-/// ceiling (1452), and each packet is a fixed cost in user space (sealing, framing, loss
-/// tracking). The ceiling actually used is [`packet_ceiling`]: on a host whose interfaces are
-/// all 1500 bytes it stays at quinn's 1452 (a higher one only sends probes the local kernel
-/// refuses, about a dozen per connection and re-search). Not the 8952 a 9000-byte frame
-/// would allow: when upstream quinn 0.11.12 sent 10 packets per GSO `sendmsg` whatever their
-/// size (the kernel takes at most 64 KiB per send), full batches of bigger packets were lost
-/// and black-hole detection took the connection down to 1200 bytes. The vendored quinn
-/// (`vendor/quinn/WEFT.md`) now caps each send at 64 KiB itself; 8952 is untested.
-pub const MAX_UDP_PAYLOAD: u16 = 6500;
+/// link with 9000-byte jumbo frames carries a bulk transfer in 6× fewer packets than at quinn's
+/// own ceiling (1452), and each packet is a fixed cost in user space (sealing, framing, loss
+/// tracking). 8952 is a 9000-byte frame less IPv6 and UDP headers. The ceiling actually used is
+/// [`packet_ceiling`]: on a host whose interfaces are all 1500 bytes it stays at quinn's 1452 (a
+/// higher one only sends probes the local kernel refuses, about a dozen per connection and
+/// re-search). Packets this big need the vendored quinn (`vendor/quinn/WEFT.md`), which caps
+/// each GSO send at the 64 KiB the kernel takes (7 packets of 8952): upstream quinn 0.11.12
+/// sends 10 packets per `sendmsg` whatever their size, and with 8952-byte packets those full
+/// batches were lost and black-hole detection took the connection down to 1200 bytes.
+pub const MAX_UDP_PAYLOAD: u16 = 8952;
 
 /// quinn's default probing ceiling: a 1500-byte frame with IPv6 and UDP headers.
 const ETHERNET_PAYLOAD: u16 = 1452;
