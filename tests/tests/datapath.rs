@@ -1365,9 +1365,10 @@ fn pcap_packet_sizes(pcap: &[u8]) -> Result<Vec<u32>> {
 /// and nothing else changes).
 #[test]
 fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
+    const LINK_MTU: u16 = 9000;
     let mesh = MeshBed::new(3)?;
     // Before any QUIC connection: discovery runs once a connection is up.
-    mesh.bed.set_mtu(9000)?;
+    mesh.bed.set_mtu(LINK_MTU.into())?;
     let shop = Shop::on(mesh, 1, true, None, T::Quic)?;
     shop.wait_working(Duration::from_secs(10))?;
     let h3 = shop.mesh.host(3).clone();
@@ -1424,9 +1425,9 @@ fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
     // Ethernet 14 + IPv4 20 + UDP 8 around the QUIC packet.
     let frame = |payload: u16| u32::from(payload) + 42;
     let ceiling = weft_dp::proxy::quic::MAX_UDP_PAYLOAD;
-    // What a 9000-byte link carries, less IPv6 and UDP headers (8952), and 100 bytes of room:
-    // the search stops within quinn's 20-byte step of its ceiling.
-    let near: u16 = 9000 - 48 - 100;
+    // What the link carries, less IPv6 and UDP headers (8952), and 100 bytes of room: the
+    // search stops within quinn's 20-byte step of its ceiling.
+    let near = LINK_MTU - 48 - 100;
     let max = sizes.iter().copied().max().unwrap_or(0);
     let big: Vec<u32> = sizes.iter().copied().filter(|&s| s > frame(near)).collect();
     ensure!(
