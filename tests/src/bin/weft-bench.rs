@@ -1013,25 +1013,44 @@ mod datapath {
             idle_max.map_or("–".into(), |v| format!("{v:.1} MiB")),
             check(idle_max.map(|v| v * 1024.0 * 1024.0 <= 10e6))
         );
-        // The multiplexed transports.
+        // The multiplexed transports. The verdict is on the ratio of the medians; the ratios
+        // within each round (the two paths measured minutes apart, not a whole run apart)
+        // show how far the machine's drift moves it.
         let ratio = |a: &str, b: &str, f: &str| fin(med(a, f) / med(b, f));
-        for (what, r) in [
+        let same_round = |a: &str, b: &str, f: &str| -> Vec<String> {
+            let (Some(ra), Some(rb)) = (results.get(a), results.get(b)) else {
+                return Vec::new();
+            };
+            ra.iter()
+                .zip(rb)
+                .filter_map(|(x, y)| fin(get(x, f) / get(y, f)))
+                .map(|v| format!("{v:.2}"))
+                .collect()
+        };
+        for (what, (a, b, f)) in [
             (
                 "weft-quic req/s ≥ 1.3× rusnel",
-                ratio("weft-quic", "rusnel", "rps"),
+                ("weft-quic", "rusnel", "rps"),
             ),
             (
                 "weft-quic CPU/request ≤ rusnel's / 1.3",
-                ratio("rusnel", "weft-quic", "cpu"),
+                ("rusnel", "weft-quic", "cpu"),
             ),
             (
                 "weft-quic bulk ≥ 1.3× rusnel",
-                ratio("weft-quic", "rusnel", "bulk"),
+                ("weft-quic", "rusnel", "bulk"),
             ),
         ] {
+            let r = ratio(a, b, f);
+            let rounds = same_round(a, b, f);
+            let rounds = if rounds.len() > 1 {
+                format!("; round by round {}", rounds.join(", "))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "- {what}: {} ({})",
+                "- {what}: {} ({}{rounds})",
                 r.map_or("–".into(), |v| format!("{v:.2}×")),
                 check(r.map(|v| v >= 1.3))
             );
