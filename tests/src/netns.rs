@@ -45,6 +45,8 @@ struct Shared {
     dir: PathBuf,
     procs: Mutex<Vec<Arc<Mutex<Child>>>>,
     runs: AtomicU64,
+    /// CPUs (a `taskset -c` list) that each host's commands are confined to, by host index.
+    pins: Mutex<Vec<(usize, String)>>,
 }
 
 /// A switch namespace with a bridge and hosts on it. Dropping it kills what it started and
@@ -156,6 +158,7 @@ impl Testbed {
         let shared = Arc::new(Shared {
             dir: dir.path().to_owned(),
             procs: Mutex::new(Vec::new()),
+            pins: Mutex::new(Vec::new()),
             runs: AtomicU64::new(0),
         });
         let mut tb = Testbed {
@@ -268,6 +271,18 @@ impl Testbed {
         &self.shared.dir
     }
 
+    /// Confines what host `i` starts from now on ([`Host::command`], [`Host::spawn`],
+    /// [`Host::run`]) to `cpus`, a `taskset -c` list such as `0` or `2-3`: hosts on CPUs of
+    /// their own stand for separate machines, and the scheduler no longer moves a host's
+    /// processes onto another host's CPU from one run to the next. Processes already running
+    /// stay where they are.
+    pub fn pin(&self, i: usize, cpus: &str) {
+        let index = self.host(i).index;
+        let mut pins = lock(&self.shared.pins);
+        pins.retain(|(h, _)| *h != index);
+        pins.push((index, cpus.to_owned()));
+    }
+
     /// Sets the MTU of every host's link (both ends of each veth; the bridge follows its
     /// ports), e.g. 9000 for jumbo frames. Before traffic: connections already open keep
     /// what they learned of the path.
@@ -335,10 +350,17 @@ impl Host {
     }
 
     /// `ip netns exec <ns> <program>`: add arguments, then pass it to [`Host::spawn`] (or run it
-    /// yourself). `ip netns exec` execs `program` in place, so the child's PID is `program`'s.
+    /// yourself). `ip netns exec` execs `program` in place, so the child's PID is `program`'s;
+    /// on a host pinned with [`Testbed::pin`] it is `ip netns exec <ns> taskset -c <cpus>
+    /// <program>`, and `taskset` execs in place too.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns]).arg(program);
+        c.args(["netns", "exec", &self.ns]);
+        let pins = lock(&self.shared.pins);
+        if let Some((_, cpus)) = pins.iter().find(|(h, _)| *h == self.index) {
+            c.args(["taskset", "-c", cpus]);
+        }
+        c.arg(program);
         c
     }
 

@@ -52,8 +52,16 @@ fn first_figure(table: &str, path: &str) -> Option<f64> {
 fn datapath_smoke_has_numbers() -> Result<()> {
     assert!(Testbed::available(), "network namespaces need root");
     let dir = tempfile::tempdir()?;
-    let table = bench(&["datapath", "--smoke"], &dir.path().join("datapath.md"))?;
+    // Pinned (one CPU per side), so that the `--pin` path runs too.
+    let table = bench(
+        &["datapath", "--smoke", "--pin"],
+        &dir.path().join("datapath.md"),
+    )?;
     eprintln!("{table}");
+    ensure!(
+        table.contains("; client host on CPU ") && table.contains(", server host on CPU "),
+        "{table}"
+    );
     for path in ["direct", "weft", "weft-pooled", "weft-quic", "weft-auto"] {
         let rps = first_figure(&table, path);
         ensure!(

@@ -157,6 +157,41 @@ fn netns_exec_keeps_the_pid() {
     assert!(!echo.is_running());
 }
 
+/// `Cpus_allowed_list` of `/proc/<pid>/status` (or of `status` text).
+fn cpus_allowed(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
+    let tb = testbed(2);
+    let all = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    tb.pin(1, "0");
+    // Spawned: still the program's own PID (taskset execs in place), on CPU 0 only.
+    let echo = http_echo(tb.host(1), "echo");
+    let proc_dir = Path::new("/proc").join(echo.pid().to_string());
+    assert_eq!(
+        std::fs::read_link(proc_dir.join("exe")).unwrap(),
+        bin("weft-testapp")
+    );
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    assert_eq!(cpus_allowed(&status), "0");
+    // Run: the same.
+    let ran = ok(&tb.host(1).run(["cat", "/proc/self/status"]));
+    assert_eq!(cpus_allowed(&ran), "0");
+    // The other host is not pinned.
+    let ran = ok(&tb.host(2).run(["cat", "/proc/self/status"]));
+    assert_eq!(cpus_allowed(&ran), all);
+    // Pinning again replaces the list.
+    tb.pin(1, &all);
+    let ran = ok(&tb.host(1).run(["cat", "/proc/self/status"]));
+    assert_eq!(cpus_allowed(&ran), all);
+}
+
 #[test]
 fn drop_kills_processes_and_deletes_namespaces() {
     let tb = testbed(2);

@@ -91,6 +91,12 @@ struct DatapathArgs {
     /// MTU of the testbed's links (default 1500, Ethernet's), e.g. 9000 for jumbo frames.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
     mtu: Option<u32>,
+    /// Gives the client host (wrk, the client-side proxies) and the server host (the
+    /// server-side proxies, the nginx backend) half of this process's CPUs each, as two
+    /// machines would have: no process of one side runs on the other's CPU, and the placement
+    /// no longer changes from one run to the next.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Args)]
@@ -235,6 +241,22 @@ fn clk_tck() -> f64 {
         .ok()
         .and_then(|o| stdout(&o).trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// The CPUs this process may run on (`Cpus_allowed_list` of /proc/self/status).
+fn allowed_cpus() -> Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
 }
 
 /// utime + stime of a process (all its threads), in seconds.
@@ -552,6 +574,23 @@ mod datapath {
         if let Some(mtu) = a.mtu {
             mesh.bed.set_mtu(mtu)?;
         }
+        let mut setup = format!("links' MTU {}", a.mtu.unwrap_or(1500));
+        if a.pin {
+            let cpus = allowed_cpus()?;
+            ensure!(
+                cpus.len() >= 2,
+                "--pin needs 2 CPUs, this process may use {cpus:?}"
+            );
+            let (c, sv) = cpus.split_at(cpus.len() / 2);
+            let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+            mesh.bed.pin(2, &list(c));
+            mesh.bed.pin(3, &list(sv));
+            setup += &format!(
+                "; client host on CPU {}, server host on CPU {}",
+                list(c),
+                list(sv)
+            );
+        }
         let dir = mesh.dir().to_owned();
         let (client, server) = (mesh.host(2).clone(), mesh.host(3).clone());
         certs(&dir, &server)?;
@@ -858,7 +897,7 @@ mod datapath {
             &results,
             &idle,
             &skipped,
-            (rounds, secs, conns, a.mtu.unwrap_or(1500)),
+            (rounds, secs, conns, &setup),
             &bins,
         );
         println!("{table}");
@@ -887,7 +926,7 @@ mod datapath {
         results: &BTreeMap<&'static str, Vec<Round>>,
         idle: &BTreeMap<&'static str, Vec<f64>>,
         skipped: &[String],
-        (rounds, secs, conns, mtu): (usize, u64, usize, u32),
+        (rounds, secs, conns, setup): (usize, u64, usize, &str),
         bins: &Path,
     ) -> String {
         let med = |path: &str, f: &str| -> f64 {
@@ -900,9 +939,8 @@ mod datapath {
         let _ = writeln!(s, "## weft-bench datapath\n");
         let _ = writeln!(
             s,
-            "{}; links' MTU {}; {rounds} round(s) of {secs} s per figure, paths alternating; binaries from `{}`.\n",
+            "{}; {setup}; {rounds} round(s) of {secs} s per figure, paths alternating; binaries from `{}`.\n",
             machine_line(),
-            mtu,
             bins.display()
         );
         let _ = writeln!(
