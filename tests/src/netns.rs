@@ -121,6 +121,14 @@ fn random_id() -> String {
     s
 }
 
+/// The `Cpus_allowed_list` of a `/proc/<pid>/status` text (a `taskset -c` list, e.g. `0-1`).
+pub fn cpus_allowed(status: &str) -> Option<&str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep using it.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_e2e::netns::{Host, Proc, Testbed};
+use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed};
 use weft_e2e::{bin, ok, wait_for};
 
 const READY: Duration = Duration::from_secs(5);
@@ -157,19 +157,11 @@ fn netns_exec_keeps_the_pid() {
     assert!(!echo.is_running());
 }
 
-/// `Cpus_allowed_list` of `/proc/<pid>/status` (or of `status` text).
-fn cpus_allowed(status: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
     let tb = testbed(2);
-    let all = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let all = cpus_allowed(&own).unwrap().to_owned();
     tb.pin(1, "0");
     // Spawned: still the program's own PID (taskset execs in place), on CPU 0 only.
     let echo = http_echo(tb.host(1), "echo");
@@ -179,17 +171,17 @@ fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
         bin("weft-testapp")
     );
     let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
-    assert_eq!(cpus_allowed(&status), "0");
+    assert_eq!(cpus_allowed(&status), Some("0"));
     // Run: the same.
     let ran = ok(&tb.host(1).run(["cat", "/proc/self/status"]));
-    assert_eq!(cpus_allowed(&ran), "0");
+    assert_eq!(cpus_allowed(&ran), Some("0"));
     // The other host is not pinned.
     let ran = ok(&tb.host(2).run(["cat", "/proc/self/status"]));
-    assert_eq!(cpus_allowed(&ran), all);
+    assert_eq!(cpus_allowed(&ran), Some(all.as_str()));
     // Pinning again replaces the list.
     tb.pin(1, &all);
     let ran = ok(&tb.host(1).run(["cat", "/proc/self/status"]));
-    assert_eq!(cpus_allowed(&ran), all);
+    assert_eq!(cpus_allowed(&ran), Some(all.as_str()));
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
-use weft_e2e::netns::{Host, Proc, Testbed};
+use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed};
 use weft_e2e::wait_for;
 
 #[derive(Parser)]
@@ -246,12 +246,9 @@ fn clk_tck() -> f64 {
 /// The CPUs this process may run on (`Cpus_allowed_list` of /proc/self/status).
 fn allowed_cpus() -> Result<Vec<usize>> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .context("no Cpus_allowed_list in /proc/self/status")?;
+    let list = cpus_allowed(&status).context("no Cpus_allowed_list in /proc/self/status")?;
     let mut cpus = Vec::new();
-    for part in list.trim().split(',') {
+    for part in list.split(',') {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
         cpus.extend(a..=b);
@@ -581,15 +578,12 @@ mod datapath {
                 cpus.len() >= 2,
                 "--pin needs 2 CPUs, this process may use {cpus:?}"
             );
-            let (c, sv) = cpus.split_at(cpus.len() / 2);
             let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-            mesh.bed.pin(2, &list(c));
-            mesh.bed.pin(3, &list(sv));
-            setup += &format!(
-                "; client host on CPU {}, server host on CPU {}",
-                list(c),
-                list(sv)
-            );
+            let (c, sv) = cpus.split_at(cpus.len() / 2);
+            let (c, sv) = (list(c), list(sv));
+            mesh.bed.pin(2, &c);
+            mesh.bed.pin(3, &sv);
+            setup += &format!("; client host on CPU {c}, server host on CPU {sv}");
         }
         let dir = mesh.dir().to_owned();
         let (client, server) = (mesh.host(2).clone(), mesh.host(3).clone());
@@ -1080,15 +1074,15 @@ mod datapath {
             ),
         ] {
             let r = ratio(a, b, f);
-            let rounds = same_round(a, b, f);
-            let rounds = if rounds.len() > 1 {
-                format!("; round by round {}", rounds.join(", "))
+            let by_round = same_round(a, b, f);
+            let by_round = if by_round.len() > 1 {
+                format!("; round by round {}", by_round.join(", "))
             } else {
                 String::new()
             };
             let _ = writeln!(
                 s,
-                "- {what}: {} ({}{rounds})",
+                "- {what}: {} ({}{by_round})",
                 r.map_or("–".into(), |v| format!("{v:.2}×")),
                 check(r.map(|v| v >= 1.3))
             );
