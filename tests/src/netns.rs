@@ -129,6 +129,40 @@ pub fn cpus_allowed(status: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The CPUs of a `taskset -c` list such as `0`, `2-3` or `0,2-3` (the form of
+/// `Cpus_allowed_list`), in the order given.
+pub fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let parse = |n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .with_context(|| format!("CPU list {list:?}: {part:?} is not a CPU or a range"))
+        };
+        let (a, b) = (parse(a)?, parse(b)?);
+        if a > b {
+            bail!("CPU list {list:?}: range {part:?} runs backwards");
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
+/// `cpus` as the hexadecimal bitmap sysfs CPU masks take (`rps_cpus`): 32-bit words, most
+/// significant first, separated by commas, e.g. `2` for CPU 1 and `1,00000000` for CPU 32.
+pub fn cpu_mask(cpus: &[usize]) -> String {
+    let mut words = vec![0u32; cpus.iter().max().map_or(1, |m| m / 32 + 1)];
+    for &c in cpus {
+        words[c / 32] |= 1 << (c % 32);
+    }
+    let mut out = format!("{:x}", words[words.len() - 1]);
+    for w in words.iter().rev().skip(1) {
+        out += &format!(",{w:08x}");
+    }
+    out
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep using it.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -279,16 +313,25 @@ impl Testbed {
         &self.shared.dir
     }
 
-    /// Confines what host `i` starts from now on ([`Host::command`], [`Host::spawn`],
-    /// [`Host::run`]) to `cpus`, a `taskset -c` list such as `0` or `2-3`: hosts on CPUs of
-    /// their own stand for separate machines, and the scheduler no longer moves a host's
-    /// processes onto another host's CPU from one run to the next. Processes already running
-    /// stay where they are.
-    pub fn pin(&self, i: usize, cpus: &str) {
-        let index = self.host(i).index;
+    /// Confines host `i` to `cpus`, a `taskset -c` list such as `0` or `2-3`, as a machine of its
+    /// own: what it starts from now on ([`Host::command`], [`Host::spawn`], [`Host::run`]) runs
+    /// only there, and so does the kernel's receive processing of the packets that reach its
+    /// `eth0` (Receive Packet Steering, `rps_cpus`), which a veth would otherwise leave to the
+    /// sending host's CPU — on two machines the receiver's own CPU takes its NIC's packets.
+    /// The scheduler no longer moves a host's processes onto another host's CPU from one run to
+    /// the next. Processes already running stay where they are. Pinning again replaces both.
+    pub fn pin(&self, i: usize, cpus: &str) -> anyhow::Result<()> {
+        let host = self.host(i);
+        let mask = cpu_mask(&parse_cpu_list(cpus)?);
+        let steer = format!(
+            "for q in /sys/class/net/eth0/queues/rx-*/rps_cpus; do echo {mask} > \"$q\" || exit 1; done"
+        );
+        ip(["netns", "exec", &host.ns, "sh", "-c", &steer])
+            .with_context(|| format!("steering {}'s received packets to CPUs {cpus}", host.ns))?;
         let mut pins = lock(&self.shared.pins);
-        pins.retain(|(h, _)| *h != index);
-        pins.push((index, cpus.to_owned()));
+        pins.retain(|(h, _)| *h != host.index);
+        pins.push((host.index, cpus.to_owned()));
+        Ok(())
     }
 
     /// Sets the MTU of every host's link (both ends of each veth; the bridge follows its
@@ -553,5 +596,25 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_and_masks() {
+        assert_eq!(parse_cpu_list("0").unwrap(), [0]);
+        assert_eq!(parse_cpu_list("0,2-4\n").unwrap(), [0, 2, 3, 4]);
+        assert_eq!(cpu_mask(&[0]), "1");
+        assert_eq!(cpu_mask(&[1]), "2");
+        assert_eq!(cpu_mask(&[0, 2, 3, 4]), "1d");
+        assert_eq!(cpu_mask(&[32]), "1,00000000");
+        assert_eq!(cpu_mask(&[1, 35, 64]), "1,00000008,00000002");
+        for bad in ["", "x", "1-", "3-1", "0,,1"] {
+            let e = parse_cpu_list(bad).unwrap_err().to_string();
+            assert!(e.contains("CPU list"), "{bad:?}: {e}");
+        }
     }
 }

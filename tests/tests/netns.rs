@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed};
+use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed, parse_cpu_list};
 use weft_e2e::{bin, ok, wait_for};
 
 const READY: Duration = Duration::from_secs(5);
@@ -162,7 +162,17 @@ fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
     let tb = testbed(2);
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
     let all = cpus_allowed(&own).unwrap().to_owned();
-    tb.pin(1, "0");
+    let rps = |h: usize| {
+        let out = ok(&tb
+            .host(h)
+            .run(["cat", "/sys/class/net/eth0/queues/rx-0/rps_cpus"]));
+        u128::from_str_radix(&out.trim().replace(',', ""), 16).unwrap()
+    };
+    assert_eq!(rps(1), 0, "receive steering is off before pinning");
+    tb.pin(1, "0").unwrap();
+    // The kernel's receive processing for host 1 goes to CPU 0 too; host 2 is left alone.
+    assert_eq!(rps(1), 1);
+    assert_eq!(rps(2), 0);
     // Spawned: still the program's own PID (taskset execs in place), on CPU 0 only.
     let echo = http_echo(tb.host(1), "echo");
     let proc_dir = Path::new("/proc").join(echo.pid().to_string());
@@ -179,9 +189,19 @@ fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
     let ran = ok(&tb.host(2).run(["cat", "/proc/self/status"]));
     assert_eq!(cpus_allowed(&ran), Some(all.as_str()));
     // Pinning again replaces the list.
-    tb.pin(1, &all);
+    tb.pin(1, &all).unwrap();
     let ran = ok(&tb.host(1).run(["cat", "/proc/self/status"]));
     assert_eq!(cpus_allowed(&ran), Some(all.as_str()));
+    let every: u128 = parse_cpu_list(&all)
+        .unwrap()
+        .iter()
+        .map(|c| 1u128 << c)
+        .sum();
+    assert_eq!(rps(1), every);
+    // A list that is not one is refused, and changes nothing.
+    assert!(tb.pin(1, "0-x").is_err());
+    assert!(tb.pin(1, "3-1").is_err());
+    assert_eq!(rps(1), every);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
-use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed};
+use weft_e2e::netns::{Host, Proc, Testbed, cpus_allowed, parse_cpu_list};
 use weft_e2e::wait_for;
 
 #[derive(Parser)]
@@ -93,8 +93,9 @@ struct DatapathArgs {
     mtu: Option<u32>,
     /// Gives the client host (wrk, the client-side proxies) and the server host (the
     /// server-side proxies, the nginx backend) half of this process's CPUs each, as two
-    /// machines would have: no process of one side runs on the other's CPU, and the placement
-    /// no longer changes from one run to the next.
+    /// machines would have: no process of one side runs on the other's CPU, each host's
+    /// received packets are processed on its own CPU (RPS on its link), and the placement no
+    /// longer changes from one run to the next.
     #[arg(long)]
     pin: bool,
 }
@@ -246,14 +247,7 @@ fn clk_tck() -> f64 {
 /// The CPUs this process may run on (`Cpus_allowed_list` of /proc/self/status).
 fn allowed_cpus() -> Result<Vec<usize>> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let list = cpus_allowed(&status).context("no Cpus_allowed_list in /proc/self/status")?;
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
-        cpus.extend(a..=b);
-    }
-    Ok(cpus)
+    parse_cpu_list(cpus_allowed(&status).context("no Cpus_allowed_list in /proc/self/status")?)
 }
 
 /// utime + stime of a process (all its threads), in seconds.
@@ -581,9 +575,11 @@ mod datapath {
             let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
             let (c, sv) = cpus.split_at(cpus.len() / 2);
             let (c, sv) = (list(c), list(sv));
-            mesh.bed.pin(2, &c);
-            mesh.bed.pin(3, &sv);
-            setup += &format!("; client host on CPU {c}, server host on CPU {sv}");
+            mesh.bed.pin(2, &c)?;
+            mesh.bed.pin(3, &sv)?;
+            setup += &format!(
+                "; client host on CPU {c}, server host on CPU {sv} (processes and received packets)"
+            );
         }
         let dir = mesh.dir().to_owned();
         let (client, server) = (mesh.host(2).clone(), mesh.host(3).clone());
