@@ -354,6 +354,57 @@ impl Testbed {
         Ok(())
     }
 
+    /// Makes the path between hosts `i` and `j` lose `percent` % of its frames each way, at
+    /// random (nftables `numgen random` in each host's input from the other; `tc netem` is not
+    /// built into this kernel). A frame, not a batch: the kernel hands a veth whole TCP and UDP
+    /// segmentation batches (up to 64 KiB) and cuts them into frames only if the link cannot,
+    /// so the two hosts' links get TCP and UDP segmentation offload turned off, and the
+    /// batches arrive cut, as they would from a wire. Other paths (to the CP's host, say) keep
+    /// their packets; setting it again replaces the rate, and 0 loses nothing (the offloads
+    /// stay off). Steps of 0.01 %.
+    pub fn set_loss(&self, i: usize, j: usize, percent: f64) -> anyhow::Result<()> {
+        if !(0.0..100.0).contains(&percent) {
+            bail!("a loss rate is a percentage in [0, 100), not {percent}");
+        }
+        let per_10k = (percent * 100.0).round() as u32;
+        for (from, to) in [(i, j), (j, i)] {
+            let (from, to) = (self.host(from), self.host(to));
+            let offloads = [
+                "netns", "exec", &from.ns, "ethtool", "-K", "eth0", "tso", "off",
+                "tx-udp-segmentation", "off",
+            ];
+            ip(offloads).with_context(|| format!("segmentation offloads of {}", from.ns))?;
+            let script = format!(
+                "add table inet weft_loss; flush table inet weft_loss; \
+                 add chain inet weft_loss input {{ type filter hook input priority 0; policy accept; }}; \
+                 add rule inet weft_loss input ip saddr {} numgen random mod 10000 < {per_10k} counter drop",
+                from.addr
+            );
+            ip(["netns", "exec", &to.ns, "nft", &script])
+                .with_context(|| format!("loss from {} to {}", from.addr, to.ns))?;
+        }
+        Ok(())
+    }
+
+    /// How many frames [`Testbed::set_loss`] has dropped on their way into host `i` (0 when
+    /// no loss was set there).
+    pub fn lost(&self, i: usize) -> anyhow::Result<u64> {
+        let ns = &self.host(i).ns;
+        let listing = match ip(["netns", "exec", ns, "nft", "list", "table", "inet", "weft_loss"]) {
+            Ok(l) => l,
+            // nft's answer when the table is not there.
+            Err(e) if format!("{e:#}").contains("No such file or directory") => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let n = listing
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .with_context(|| format!("no loss counter in {ns}: {listing}"))?;
+        n.parse()
+            .with_context(|| format!("loss counter {n:?} in {ns}"))
+    }
+
     /// Unplugs host `i`: its bridge port goes down, so its packets go nowhere (no RST, no ICMP).
     pub fn cut(&self, i: usize) -> anyhow::Result<()> {
         self.host(i);

@@ -1456,3 +1456,143 @@ fn l_quic_packets_grow_to_fill_jumbo_frames() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn n_a_lossy_link_loses_no_byte_and_fails_no_connection_over_tls() -> Result<()> {
+    lossy_link_loses_no_byte_and_fails_no_connection(T::Tls)
+}
+
+#[test]
+fn n_pooled_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
+    lossy_link_loses_no_byte_and_fails_no_connection(T::Pooled)
+}
+
+#[test]
+fn n_quic_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
+    lossy_link_loses_no_byte_and_fails_no_connection(T::Quic)
+}
+
+#[test]
+fn n_auto_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
+    lossy_link_loses_no_byte_and_fails_no_connection(T::Auto)
+}
+
+/// With 3 % of the packets lost each way between the two dataplanes' hosts (and nothing else
+/// wrong), four 4 MiB echoes running at once come back byte for byte, and short connections
+/// opened one after the other alongside them all succeed. `auto` stays on QUIC: a lost packet
+/// is not a blocked port.
+fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
+    const LOSS: f64 = 3.0;
+    const BIG: u64 = 4 << 20;
+    const SMALL: u32 = 30;
+    let mesh = MeshBed::new(3)?;
+    mesh.apply(
+        "mesh",
+        &if t == T::Tls {
+            MESH_CA1.to_owned()
+        } else {
+            t.mesh(MESH_CA1)
+        },
+    )?;
+    mesh.apply("allow-all", ALLOW_ALL)?;
+    let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
+    let echo = mesh.start_dp(
+        3,
+        "default",
+        "echo",
+        "echo",
+        "type: Dataplane\nmesh: default\nname: echo\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: echo\n      kuma.io/protocol: tcp\n",
+    )?;
+    let web = mesh.start_dp(
+        2,
+        "default",
+        "web",
+        "web",
+        "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: echo\n",
+    )?;
+    let check = |bytes: u64, timeout: &str| {
+        mesh.host(2).run_timeout(
+            [
+                weft_e2e::bin("weft-testapp").display().to_string(),
+                "tcp-check".into(),
+                "--to".into(),
+                "127.0.0.1:20003".into(),
+                "--bytes".into(),
+                bytes.to_string(),
+                "--timeout".into(),
+                timeout.into(),
+            ],
+            Duration::from_secs(90),
+        )
+    };
+    wait_for("web -> echo to work", Duration::from_secs(20), || {
+        check(1000, "2s").status.success().then_some(())
+    })?;
+
+    mesh.bed.set_loss(2, 3, LOSS)?;
+    let big: Vec<Proc> = (0..4)
+        .map(|i| {
+            let bytes = BIG.to_string();
+            mesh.testapp(
+                2,
+                &format!("tcp-check-{i}"),
+                &[
+                    "tcp-check",
+                    "--to",
+                    "127.0.0.1:20003",
+                    "--bytes",
+                    &bytes,
+                    "--timeout",
+                    "60s",
+                ],
+            )
+        })
+        .collect::<Result<_>>()?;
+    // Meanwhile, short connections one after the other, each a fresh proxied connection.
+    for n in 0..SMALL {
+        let out = check(10_000, "20s");
+        ensure!(
+            out.status.success(),
+            "{t:?}: short connection {n} over the lossy link: {}\nweb's log:\n{}\necho's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            web.proc.log(),
+            echo.proc.log()
+        );
+    }
+    let done = format!("{{\"bytes\":{BIG},");
+    for p in &big {
+        wait_for(
+            &format!("{} to finish", p.name()),
+            Duration::from_secs(70),
+            || (!p.is_running()).then_some(()),
+        )?;
+        ensure!(
+            p.log().starts_with(&done),
+            "{t:?}: {} over the lossy link: {}",
+            p.name(),
+            p.log()
+        );
+        eprintln!("{t:?} {}: {}", p.name(), p.log().trim());
+    }
+    // The link really lost packets, both ways.
+    let (lost_out, lost_back) = (mesh.bed.lost(3)?, mesh.bed.lost(2)?);
+    eprintln!("{t:?}: {lost_out} frames lost web -> echo, {lost_back} echo -> web");
+    ensure!(
+        lost_out > 10 && lost_back > 10,
+        "{lost_out} and {lost_back} frames lost"
+    );
+    assert_eq!(
+        web.metric("weft_dp_upstream_connect_failures_total", &["outbound"]),
+        0.0
+    );
+    if matches!(t, T::Quic | T::Auto) {
+        // ... and QUIC saw it and sent again what was lost.
+        for (dp, side) in [(&web, "client"), (&echo, "server")] {
+            ensure!(
+                quic_metric(dp, "weft_dp_quic_packets_lost_total", side) > 0.0,
+                "{side}: no QUIC packet counted as lost"
+            );
+        }
+    }
+    check_transport(&web, t)
+}

@@ -204,6 +204,50 @@ fn a_pinned_host_runs_what_it_starts_on_its_cpus() {
     assert_eq!(rps(1), every);
 }
 
+/// `ping` from host `from` to `to`: `count` echo requests 5 ms apart; the loss it reports, in %.
+fn ping_loss(from: &Host, to: &Host, count: u32) -> f64 {
+    let out = from.run([
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.005",
+        "-W",
+        "1",
+        &to.addr.to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(", ")
+        .find_map(|part| part.strip_suffix("% packet loss"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure in ping's output: {text}"))
+}
+
+#[test]
+fn a_lossy_path_drops_a_share_of_its_packets_each_way_and_nothing_else() {
+    let tb = testbed(3);
+    let (h1, h2, h3) = (tb.host(1), tb.host(2), tb.host(3));
+    assert_eq!(tb.lost(1).unwrap(), 0);
+    tb.set_loss(1, 2, 30.0).unwrap();
+    // 30 % each way: an echo and its answer both get through 49 % of the time.
+    let loss = ping_loss(h1, h2, 200);
+    assert!((25.0..=75.0).contains(&loss), "{loss} % lost");
+    // Both directions drop, and count what they drop.
+    assert!(tb.lost(1).unwrap() > 0 && tb.lost(2).unwrap() > 0);
+    // Other paths are untouched.
+    assert_eq!(ping_loss(h1, h3, 50), 0.0);
+    assert_eq!(ping_loss(h3, h2, 50), 0.0);
+    // Setting it again replaces it: 0 loses nothing.
+    tb.set_loss(1, 2, 0.0).unwrap();
+    assert_eq!(ping_loss(h1, h2, 50), 0.0);
+    for bad in [100.0, -1.0, f64::NAN] {
+        let e = tb.set_loss(1, 2, bad).unwrap_err().to_string();
+        assert!(e.contains("percentage"), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn drop_kills_processes_and_deletes_namespaces() {
     let tb = testbed(2);

@@ -16,6 +16,10 @@
 //! - `tcp-send --to ADDR --data STR [--timeout 5s]`: connects, writes STR, shuts down its write
 //!   side, reads until EOF and prints exactly what it read (no newline added). Exits 1 on an
 //!   error or when the timeout passes before EOF.
+//! - `tcp-check --to ADDR --bytes N [--timeout 30s]`: connects to an echo, writes N
+//!   pseudo-random bytes (a fixed sequence) while reading the echo back, half-closes, and
+//!   checks that exactly those bytes came back before EOF. Prints one JSON line
+//!   `{"bytes":N,"secs":S}` and exits 0, or exits 1 naming the first byte that differs.
 //! - `tcp-chat --to ADDR --every 200ms --duration 15s [--timeout 2s]`: ONE connection for the
 //!   whole duration; every interval it writes a line and reads it back, checking the echo.
 //!   Prints `connected to ADDR` once connected, and at the end one JSON line
@@ -36,7 +40,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::combinators::BoxBody;
@@ -90,6 +94,18 @@ enum Cmd {
         data: String,
         /// Deadline for the whole exchange.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Writes N pseudo-random bytes to an echo while reading them back; checks every byte.
+    TcpCheck {
+        /// Where to connect (IP:PORT or HOST:PORT).
+        #[arg(long)]
+        to: String,
+        /// How many bytes to send (and expect back).
+        #[arg(long)]
+        bytes: u64,
+        /// Deadline for the whole exchange.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
     /// One connection for the whole duration, a line echoed every interval; prints a JSON
@@ -174,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Cmd::TcpEcho { listen } => tcp_echo(listen).await,
             Cmd::TcpReset { listen } => tcp_reset(listen).await,
             Cmd::TcpSend { to, data, timeout } => tcp_send(&to, &data, timeout).await,
+            Cmd::TcpCheck { to, bytes, timeout } => tcp_check(&to, bytes, timeout).await,
             Cmd::TcpChat {
                 to,
                 every,
@@ -361,6 +378,91 @@ async fn tcp_send(to: &str, data: &str, timeout: Duration) -> anyhow::Result<()>
     let mut out = std::io::stdout().lock();
     out.write_all(&got)?;
     out.flush()?;
+    Ok(())
+}
+
+/// The `tcp-check` sequence: xorshift64 from a fixed seed, 8 bytes per step, so that a
+/// byte lost, repeated or moved shows.
+struct Pattern(u64);
+
+impl Pattern {
+    fn new() -> Pattern {
+        Pattern(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+async fn tcp_check(to: &str, bytes: u64, timeout: Duration) -> anyhow::Result<()> {
+    const CHUNK: usize = 64 * 1024;
+    let start = std::time::Instant::now();
+    tokio::time::timeout(timeout, async {
+        let s = TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connecting to {to}"))?;
+        let (mut r, mut w) = s.into_split();
+        let write = async move {
+            let (mut pattern, mut buf) = (Pattern::new(), vec![0u8; CHUNK]);
+            let mut left = bytes;
+            while left > 0 {
+                // Chunks are whole multiples of 8 bytes but the last, so the sequence does
+                // not depend on where writes are cut.
+                let n = CHUNK.min(usize::try_from(left).unwrap_or(CHUNK));
+                pattern.fill(&mut buf[..n]);
+                w.write_all(&buf[..n]).await.context("writing")?;
+                left -= n as u64;
+            }
+            w.shutdown().await.context("shutting down the write side")
+        };
+        let read = async move {
+            let (mut pattern, mut want, mut got) =
+                (Pattern::new(), vec![0u8; CHUNK], vec![0u8; CHUNK]);
+            let mut at = 0u64;
+            loop {
+                let n = r.read(&mut got).await.with_context(|| {
+                    format!("reading the echo after {at} of {bytes} bytes")
+                })?;
+                if n == 0 {
+                    break;
+                }
+                let mut seen = 0;
+                while seen < n {
+                    // Compare against the sequence in the writer's chunking.
+                    let in_chunk = (at % CHUNK as u64) as usize;
+                    if in_chunk == 0 {
+                        let len = CHUNK.min(usize::try_from(bytes - at.min(bytes)).unwrap_or(CHUNK));
+                        pattern.fill(&mut want[..len]);
+                    }
+                    let take = (n - seen).min(CHUNK - in_chunk);
+                    if at + take as u64 > bytes {
+                        bail!("the echo is longer than the {bytes} bytes sent");
+                    }
+                    if let Some(k) = (0..take).find(|&k| got[seen + k] != want[in_chunk + k]) {
+                        bail!("byte {} of the echo differs from what was sent", at + k as u64);
+                    }
+                    seen += take;
+                    at += take as u64;
+                }
+            }
+            ensure!(at == bytes, "EOF after {at} of {bytes} bytes");
+            anyhow::Ok(())
+        };
+        tokio::try_join!(write, read)?;
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("{to}: the echo of {bytes} bytes took longer than {timeout:?}"))??;
+    println!(
+        "{}",
+        serde_json::json!({"bytes": bytes, "secs": start.elapsed().as_secs_f64()})
+    );
     Ok(())
 }
 
