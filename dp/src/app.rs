@@ -211,6 +211,7 @@ pub async fn run_checked(
     tasks.spawn(proxy::tls_task(
         dataplane.mesh.clone(),
         config.tls_resumption,
+        config.quic_congestion,
         creds_rx.clone(),
         config_rx.clone(),
         tls_tx,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::proxy::quic::Congestion;
+
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +78,9 @@ pub struct FileConfig {
     /// Resume TLS sessions between dataplanes (TLS 1.3 tickets; default true). `false` makes
     /// every TLS connection a full handshake.
     pub tls_resumption: Option<bool>,
+    /// Congestion controller of the QUIC connections between dataplanes, for what this
+    /// dataplane sends: `cubic` (default) or `bbr` (for lossy links).
+    pub quic_congestion: Option<String>,
 }
 
 /// A checked configuration.
@@ -105,6 +110,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Resume TLS sessions between dataplanes.
     pub tls_resumption: bool,
+    /// Congestion controller of this dataplane's QUIC connections.
+    pub quic_congestion: Congestion,
 }
 
 impl FileConfig {
@@ -147,7 +154,8 @@ impl FileConfig {
             status_interval,
             drain_timeout,
             worker_threads,
-            tls_resumption
+            tls_resumption,
+            quic_congestion
         );
         self
     }
@@ -224,6 +232,13 @@ impl FileConfig {
                 n => n,
             },
             tls_resumption: self.tls_resumption.unwrap_or(true),
+            quic_congestion: match self.quic_congestion {
+                None => Congestion::default(),
+                Some(c) => c.parse().map_err(|message| Error::Invalid {
+                    field: "quic_congestion".into(),
+                    message,
+                })?,
+            },
         })
     }
 }

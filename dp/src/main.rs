@@ -71,6 +71,12 @@ struct Flags {
     /// TLS connection).
     #[arg(long)]
     tls_resumption: Option<bool>,
+    /// Congestion controller of the QUIC connections between dataplanes, for what this one
+    /// sends: cubic (the default; backs off on every loss, as TCP does) or bbr (paces at the
+    /// bandwidth it measures and keeps its speed on lossy links, e.g. a zone ingress across a
+    /// WAN; quinn calls it experimental).
+    #[arg(long, value_parser = ["cubic", "bbr"])]
+    quic_congestion: Option<String>,
 }
 
 fn load(f: Flags) -> Result<Config, String> {
@@ -97,6 +103,7 @@ fn load(f: Flags) -> Result<Config, String> {
         drain_timeout: f.drain_timeout,
         worker_threads: f.worker_threads,
         tls_resumption: f.tls_resumption,
+        quic_congestion: f.quic_congestion,
     };
     base.overlay(flags).check().map_err(|e| e.to_string())
 }

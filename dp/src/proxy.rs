@@ -108,6 +108,7 @@ impl Drop for TrackGuard {
 pub async fn tls_task(
     mesh: String,
     resumption: bool,
+    quic_congestion: quic::Congestion,
     mut creds: watch::Receiver<Option<Arc<Credentials>>>,
     mut config: watch::Receiver<Option<Arc<Applied>>>,
     out: watch::Sender<Option<Arc<TlsState>>>,
@@ -127,9 +128,10 @@ pub async fn tls_task(
             let key = (c.cert_chain_pem.clone(), bundle.clone());
             if last.as_ref() != Some(&key) {
                 generation += 1;
-                match TlsState::new(generation, &mesh, &c, &bundle)
-                    .map(|s| s.with_resumption(resumption))
-                {
+                match TlsState::new(generation, &mesh, &c, &bundle).map(|s| {
+                    s.with_resumption(resumption)
+                        .with_quic_congestion(quic_congestion)
+                }) {
                     Ok(s) => {
                         info!(generation, ids = ?c.spiffe_ids, "TLS credentials in use");
                         out.send_replace(Some(Arc::new(s)));

@@ -272,6 +272,7 @@ async fn joins_acks_nacks_serves_config_and_survives_cp_restart() {
         drain_timeout: Duration::from_secs(1),
         worker_threads: None,
         tls_resumption: true,
+        quic_congestion: Default::default(),
     };
     let (dp_stop, dp_task) = start_dp(config.clone());
 

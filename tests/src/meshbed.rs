@@ -199,6 +199,19 @@ impl MeshBed {
         service: &str,
         yaml: &str,
     ) -> anyhow::Result<Dataplane> {
+        self.start_dp_with(i, mesh, name, service, yaml, &[])
+    }
+
+    /// [`MeshBed::start_dp`] with more `weft-dp run` flags, e.g. `["--quic-congestion", "bbr"]`.
+    pub fn start_dp_with(
+        &self,
+        i: usize,
+        mesh: &str,
+        name: &str,
+        service: &str,
+        yaml: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<Dataplane> {
         let dir = self.bed.dir().join(format!("dp-{name}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("dataplane.yaml"), yaml)?;
@@ -220,7 +233,8 @@ impl MeshBed {
             .arg("--reconnect-max-backoff")
             .arg("1s")
             .arg("--drain-timeout")
-            .arg("2s");
+            .arg("2s")
+            .args(flags);
         cmd.env("RUST_LOG", "info");
         let proc = host.spawn(&format!("dp-{name}"), cmd)?;
         wait_for(

@@ -370,8 +370,16 @@ impl Testbed {
         for (from, to) in [(i, j), (j, i)] {
             let (from, to) = (self.host(from), self.host(to));
             let offloads = [
-                "netns", "exec", &from.ns, "ethtool", "-K", "eth0", "tso", "off",
-                "tx-udp-segmentation", "off",
+                "netns",
+                "exec",
+                &from.ns,
+                "ethtool",
+                "-K",
+                "eth0",
+                "tso",
+                "off",
+                "tx-udp-segmentation",
+                "off",
             ];
             ip(offloads).with_context(|| format!("segmentation offloads of {}", from.ns))?;
             let script = format!(
@@ -390,7 +398,16 @@ impl Testbed {
     /// no loss was set there).
     pub fn lost(&self, i: usize) -> anyhow::Result<u64> {
         let ns = &self.host(i).ns;
-        let listing = match ip(["netns", "exec", ns, "nft", "list", "table", "inet", "weft_loss"]) {
+        let listing = match ip([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "weft_loss",
+        ]) {
             Ok(l) => l,
             // nft's answer when the table is not there.
             Err(e) if format!("{e:#}").contains("No such file or directory") => return Ok(0),

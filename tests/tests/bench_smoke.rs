@@ -97,3 +97,21 @@ fn cp_smoke_has_numbers() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--loss` takes a percentage above 0 and below 100 and names what it got otherwise (what a
+/// loss does to a testbed is checked in netns.rs, on the wire).
+#[test]
+fn datapath_loss_outside_0_to_100_is_refused() {
+    for bad in ["0", "100", "-1", "lots"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+            .args(["datapath", "--smoke", &format!("--loss={bad}")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--loss {bad}: {err}");
+        assert!(
+            err.contains("--loss") && err.contains(&format!("{bad:?}")),
+            "--loss {bad}: {err}"
+        );
+    }
+}

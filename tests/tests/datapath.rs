@@ -30,6 +30,12 @@ fn backend_yaml(i: usize) -> String {
 
 const WEB_YAML: &str = "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20001\n    tags:\n      kuma.io/service: backend\n";
 
+/// The TCP service `echo` on host 3: its inbound 10003 in front of a TCP echo on 127.0.0.1:7070.
+const ECHO_YAML: &str = "type: Dataplane\nmesh: default\nname: echo\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: echo\n      kuma.io/protocol: tcp\n";
+
+/// web on host 2 with an outbound to `echo` on 127.0.0.1:20003.
+const WEB_TO_ECHO_YAML: &str = "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: echo\n";
+
 /// The transport between dataplanes, as the mesh's `networking.transport` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum T {
@@ -822,21 +828,9 @@ fn established_connections_survive_config_and_certificate_changes(t: T) -> Resul
     mesh.apply("allow-all", ALLOW_ALL)?;
     // A TCP service `echo` on host 3, and web on host 2 with an outbound to it.
     let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
-    let echo = mesh.start_dp(
-        3,
-        "default",
-        "echo",
-        "echo",
-        "type: Dataplane\nmesh: default\nname: echo\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: echo\n      kuma.io/protocol: tcp\n",
-    )?;
+    let echo = mesh.start_dp(3, "default", "echo", "echo", ECHO_YAML)?;
     let _web_app = mesh.http_echo(2, "web", 8081)?;
-    let web = mesh.start_dp(
-        2,
-        "default",
-        "web",
-        "web",
-        "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: echo\n",
-    )?;
+    let web = mesh.start_dp(2, "default", "web", "web", WEB_TO_ECHO_YAML)?;
     let config = |dp: &Dataplane| -> Option<serde_json::Value> {
         serde_json::from_str(&dp.admin("/config").ok()?).ok()
     };
@@ -1472,6 +1466,14 @@ fn n_quic_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
     lossy_link_loses_no_byte_and_fails_no_connection(T::Quic)
 }
 
+/// The same with both dataplanes on BBR (`--quic-congestion bbr`, which quinn calls
+/// experimental): it keeps sending through the loss rather than backing off, and must still
+/// deliver every byte.
+#[test]
+fn n_quic_bbr_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
+    lossy_link_check(T::Quic, &["--quic-congestion", "bbr"])
+}
+
 #[test]
 fn n_auto_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
     lossy_link_loses_no_byte_and_fails_no_connection(T::Auto)
@@ -1482,7 +1484,13 @@ fn n_auto_a_lossy_link_loses_no_byte_and_fails_no_connection() -> Result<()> {
 /// opened one after the other alongside them all succeed. `auto` stays on QUIC: a lost packet
 /// is not a blocked port.
 fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
+    lossy_link_check(t, &[])
+}
+
+/// [`lossy_link_loses_no_byte_and_fails_no_connection`] with `flags` for both dataplanes.
+fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
     const LOSS: f64 = 3.0;
+    let label = format!("{t:?} {}", flags.join(" "));
     const BIG: u64 = 4 << 20;
     const SMALL: u32 = 30;
     let mesh = MeshBed::new(3)?;
@@ -1496,20 +1504,8 @@ fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
     )?;
     mesh.apply("allow-all", ALLOW_ALL)?;
     let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
-    let echo = mesh.start_dp(
-        3,
-        "default",
-        "echo",
-        "echo",
-        "type: Dataplane\nmesh: default\nname: echo\nnetworking:\n  address: 10.77.0.13\n  inbound:\n  - port: 10003\n    servicePort: 7070\n    tags:\n      kuma.io/service: echo\n      kuma.io/protocol: tcp\n",
-    )?;
-    let web = mesh.start_dp(
-        2,
-        "default",
-        "web",
-        "web",
-        "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: echo\n",
-    )?;
+    let echo = mesh.start_dp_with(3, "default", "echo", "echo", ECHO_YAML, flags)?;
+    let web = mesh.start_dp_with(2, "default", "web", "web", WEB_TO_ECHO_YAML, flags)?;
     let check = |bytes: u64, timeout: &str| {
         mesh.host(2).run_timeout(
             [
@@ -1553,7 +1549,7 @@ fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
         let out = check(10_000, "20s");
         ensure!(
             out.status.success(),
-            "{t:?}: short connection {n} over the lossy link: {}\nweb's log:\n{}\necho's log:\n{}",
+            "{label}: short connection {n} over the lossy link: {}\nweb's log:\n{}\necho's log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             web.proc.log(),
             echo.proc.log()
@@ -1568,15 +1564,15 @@ fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
         )?;
         ensure!(
             p.log().starts_with(&done),
-            "{t:?}: {} over the lossy link: {}",
+            "{label}: {} over the lossy link: {}",
             p.name(),
             p.log()
         );
-        eprintln!("{t:?} {}: {}", p.name(), p.log().trim());
+        eprintln!("{label} {}: {}", p.name(), p.log().trim());
     }
     // The link really lost packets, both ways.
     let (lost_out, lost_back) = (mesh.bed.lost(3)?, mesh.bed.lost(2)?);
-    eprintln!("{t:?}: {lost_out} frames lost web -> echo, {lost_back} echo -> web");
+    eprintln!("{label}: {lost_out} frames lost web -> echo, {lost_back} echo -> web");
     ensure!(
         lost_out > 10 && lost_back > 10,
         "{lost_out} and {lost_back} frames lost"

@@ -30,6 +30,22 @@ fn full_file_and_flag_overlay() {
     assert!(c.tls_resumption, "TLS sessions resume by default");
     let off = FileConfig::parse("tls_resumption = false\n").unwrap();
     assert!(!minimal().overlay(off).check().unwrap().tls_resumption);
+    assert_eq!(c.quic_congestion, Congestion::Cubic, "CUBIC unless asked");
+    let bbr = FileConfig::parse("quic_congestion = \"bbr\"\n").unwrap();
+    assert_eq!(
+        minimal().overlay(bbr).check().unwrap().quic_congestion,
+        Congestion::Bbr
+    );
+}
+
+#[test]
+fn an_unknown_congestion_controller_is_named() {
+    let reno = FileConfig::parse("quic_congestion = \"reno\"\n").unwrap();
+    let e = minimal().overlay(reno).check().unwrap_err().to_string();
+    assert!(
+        e.contains("quic_congestion") && e.contains("\"reno\"") && e.contains("cubic or bbr"),
+        "{e}"
+    );
 }
 
 #[test]

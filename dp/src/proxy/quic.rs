@@ -133,10 +133,50 @@ pub(crate) fn ceiling_for(mtu: Option<u32>) -> u16 {
         .clamp(ETHERNET_PAYLOAD, MAX_UDP_PAYLOAD)
 }
 
+/// The congestion controller of the QUIC connections a dataplane opens and accepts. It governs
+/// what this side sends, so each end picks its own (`quic_congestion` in weft-dp's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: every loss is read as congestion and the window
+    /// shrinks by 30 %, as TCP does.
+    #[default]
+    Cubic,
+    /// BBR (quinn's, after Google's quiche): sends at the bandwidth and round-trip time it
+    /// measures, so random loss does not slow it down — for lossy links, such as a zone
+    /// ingress across a WAN. quinn calls its BBR experimental, and BBR (v1) is known to take
+    /// more than its share from CUBIC flows on a shared bottleneck.
+    Bbr,
+}
+
+impl Congestion {
+    /// Its name in the config (`cubic`, `bbr`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+        }
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Congestion, String> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            _ => Err(format!(
+                "{s:?} is not a congestion controller (cubic or bbr)"
+            )),
+        }
+    }
+}
+
 /// Transport parameters for both ends: many concurrent streams, no datagrams, windows sized
 /// for bulk transfers on a LAN while bounding what one peer can make the dataplane buffer,
-/// packets up to [`packet_ceiling`] where the path allows.
-pub fn transport_config() -> Arc<quinn::TransportConfig> {
+/// packets up to [`packet_ceiling`] where the path allows, and `congestion` for what this end
+/// sends.
+pub fn transport_config(congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(packet_ceiling());
     let mut t = quinn::TransportConfig::default();
@@ -151,6 +191,9 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .max_idle_timeout(Some(VarInt::from_u32(30_000).into()))
         .initial_rtt(Duration::from_millis(10));
+    if congestion == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     Arc::new(t)
 }
 

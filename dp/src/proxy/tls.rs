@@ -22,6 +22,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use x509_parser::prelude::FromDer as _;
 
+use super::quic::Congestion;
 use crate::identity::manager::Credentials;
 
 #[cfg(test)]
@@ -69,6 +70,8 @@ pub struct TlsState {
     clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
     pooled_clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
     resumption: bool,
+    /// The congestion controller of its QUIC connections.
+    quic_congestion: Congestion,
     quic_clients: Mutex<HashMap<String, quinn::ClientConfig>>,
 }
 
@@ -161,7 +164,7 @@ impl TlsState {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(quic))
             .map_err(|e| Error::Quic(e.to_string()))?;
         let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        quic_server.transport_config(super::quic::transport_config());
+        quic_server.transport_config(super::quic::transport_config(Congestion::default()));
         Ok(TlsState {
             generation,
             mesh: mesh.to_owned(),
@@ -174,8 +177,17 @@ impl TlsState {
             clients: Mutex::new(HashMap::new()),
             pooled_clients: Mutex::new(HashMap::new()),
             resumption: true,
+            quic_congestion: Congestion::default(),
             quic_clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The congestion controller of the QUIC connections this dataplane opens and accepts.
+    pub fn with_quic_congestion(mut self, c: Congestion) -> TlsState {
+        self.quic_congestion = c;
+        self.quic_server
+            .transport_config(super::quic::transport_config(c));
+        self
     }
 
     /// Turns TLS session resumption off (every handshake a full one) when `on` is false.
@@ -230,7 +242,7 @@ impl TlsState {
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
                 .map_err(|e| Error::Quic(e.to_string()))?;
             let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-            config.transport_config(super::quic::transport_config());
+            config.transport_config(super::quic::transport_config(self.quic_congestion));
             Ok(config)
         })
     }

@@ -98,6 +98,26 @@ struct DatapathArgs {
     /// longer changes from one run to the next.
     #[arg(long)]
     pin: bool,
+    /// Loses this % of the frames each way between the client and the server host, at random
+    /// (e.g. 1 or 0.1; the two hosts' links send frames one by one, segmentation offloads off,
+    /// so that a loss is a frame and not a 64 KiB batch): how each transport copes with loss.
+    #[arg(long, value_parser = loss_percent)]
+    loss: Option<f64>,
+}
+
+/// A `--loss` value: a percentage in (0, 100).
+fn loss_percent(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    if p > 0.0 && p < 100.0 {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{s:?}: a loss is a percentage above 0 and below 100"
+        ))
+    }
 }
 
 #[derive(Args)]
@@ -579,6 +599,12 @@ mod datapath {
             mesh.bed.pin(3, &sv)?;
             setup += &format!(
                 "; client host on CPU {c}, server host on CPU {sv} (processes and received packets)"
+            );
+        }
+        if let Some(p) = a.loss {
+            mesh.bed.set_loss(2, 3, p)?;
+            setup += &format!(
+                "; {p} % of the frames lost each way between the client and server hosts (segmentation offloads off)"
             );
         }
         let dir = mesh.dir().to_owned();

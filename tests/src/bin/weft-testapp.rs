@@ -426,9 +426,10 @@ async fn tcp_check(to: &str, bytes: u64, timeout: Duration) -> anyhow::Result<()
                 (Pattern::new(), vec![0u8; CHUNK], vec![0u8; CHUNK]);
             let mut at = 0u64;
             loop {
-                let n = r.read(&mut got).await.with_context(|| {
-                    format!("reading the echo after {at} of {bytes} bytes")
-                })?;
+                let n = r
+                    .read(&mut got)
+                    .await
+                    .with_context(|| format!("reading the echo after {at} of {bytes} bytes"))?;
                 if n == 0 {
                     break;
                 }
@@ -437,7 +438,8 @@ async fn tcp_check(to: &str, bytes: u64, timeout: Duration) -> anyhow::Result<()
                     // Compare against the sequence in the writer's chunking.
                     let in_chunk = (at % CHUNK as u64) as usize;
                     if in_chunk == 0 {
-                        let len = CHUNK.min(usize::try_from(bytes - at.min(bytes)).unwrap_or(CHUNK));
+                        let len =
+                            CHUNK.min(usize::try_from(bytes - at.min(bytes)).unwrap_or(CHUNK));
                         pattern.fill(&mut want[..len]);
                     }
                     let take = (n - seen).min(CHUNK - in_chunk);
@@ -445,7 +447,10 @@ async fn tcp_check(to: &str, bytes: u64, timeout: Duration) -> anyhow::Result<()
                         bail!("the echo is longer than the {bytes} bytes sent");
                     }
                     if let Some(k) = (0..take).find(|&k| got[seen + k] != want[in_chunk + k]) {
-                        bail!("byte {} of the echo differs from what was sent", at + k as u64);
+                        bail!(
+                            "byte {} of the echo differs from what was sent",
+                            at + k as u64
+                        );
                     }
                     seen += take;
                     at += take as u64;

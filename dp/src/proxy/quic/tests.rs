@@ -316,3 +316,29 @@ async fn bulk_data_goes_out_in_big_gso_batches() {
         tx.ios
     );
 }
+
+/// `quic_congestion` reaches both ends: the connection the client opens (`quic_client_for`)
+/// and the one the server accepts (`quic_server`) run the configured controller.
+#[tokio::test]
+async fn both_ends_run_the_configured_congestion_controller() {
+    for (c, want_bbr) in [(Congestion::Cubic, false), (Congestion::Bbr, true)] {
+        let (srv, cli) = pair();
+        let (srv, cli) = (srv.with_quic_congestion(c), cli.with_quic_congestion(c));
+        let (server, addr) = listen(&srv);
+        let accepted = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let (_client, conn) = connect(&cli, addr).await;
+        let (_server, accepted) = accepted.await.unwrap();
+        for (side, conn) in [("client", &conn), ("server", &accepted)] {
+            let any = conn.congestion_state().into_any();
+            assert_eq!(
+                any.is::<quinn::congestion::Bbr>(),
+                want_bbr,
+                "{side} of a {c:?} pair"
+            );
+            assert_eq!(any.is::<quinn::congestion::Cubic>(), !want_bbr, "{side}");
+        }
+    }
+}
