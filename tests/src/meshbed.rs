@@ -24,6 +24,8 @@ pub struct MeshBed {
     pub bed: Testbed,
     cp: Option<Proc>,
     cp_config: PathBuf,
+    /// More `weft-dp run` flags for the dataplanes started from now on.
+    dp_flags: Vec<String>,
 }
 
 /// A dataplane started by [`MeshBed::start_dp`].
@@ -61,6 +63,7 @@ impl MeshBed {
             bed,
             cp: None,
             cp_config,
+            dp_flags: Vec::new(),
         };
         m.start_cp()?;
         Ok(m)
@@ -189,6 +192,12 @@ impl MeshBed {
         Ok(out.trim().to_owned())
     }
 
+    /// Gives the dataplanes started from now on these `weft-dp run` flags as well, e.g.
+    /// `["--quic-congestion", "bbr"]`.
+    pub fn set_dp_flags(&mut self, flags: &[&str]) {
+        self.dp_flags = flags.iter().map(|f| (*f).to_owned()).collect();
+    }
+
     /// Starts `weft-dp` for the Dataplane `yaml` (named `name`, in `mesh`) on host `i`, with
     /// a fresh token, and waits until its admin address is known.
     pub fn start_dp(
@@ -198,19 +207,6 @@ impl MeshBed {
         name: &str,
         service: &str,
         yaml: &str,
-    ) -> anyhow::Result<Dataplane> {
-        self.start_dp_with(i, mesh, name, service, yaml, &[])
-    }
-
-    /// [`MeshBed::start_dp`] with more `weft-dp run` flags, e.g. `["--quic-congestion", "bbr"]`.
-    pub fn start_dp_with(
-        &self,
-        i: usize,
-        mesh: &str,
-        name: &str,
-        service: &str,
-        yaml: &str,
-        flags: &[&str],
     ) -> anyhow::Result<Dataplane> {
         let dir = self.bed.dir().join(format!("dp-{name}"));
         std::fs::create_dir_all(&dir)?;
@@ -234,7 +230,7 @@ impl MeshBed {
             .arg("1s")
             .arg("--drain-timeout")
             .arg("2s")
-            .args(flags);
+            .args(&self.dp_flags);
         cmd.env("RUST_LOG", "info");
         let proc = host.spawn(&format!("dp-{name}"), cmd)?;
         wait_for(

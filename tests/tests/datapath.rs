@@ -1490,10 +1490,10 @@ fn lossy_link_loses_no_byte_and_fails_no_connection(t: T) -> Result<()> {
 /// [`lossy_link_loses_no_byte_and_fails_no_connection`] with `flags` for both dataplanes.
 fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
     const LOSS: f64 = 3.0;
-    let label = format!("{t:?} {}", flags.join(" "));
     const BIG: u64 = 4 << 20;
     const SMALL: u32 = 30;
-    let mesh = MeshBed::new(3)?;
+    let label = format!("{t:?} {}", flags.join(" "));
+    let mut mesh = MeshBed::new(3)?;
     mesh.apply(
         "mesh",
         &if t == T::Tls {
@@ -1504,8 +1504,9 @@ fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
     )?;
     mesh.apply("allow-all", ALLOW_ALL)?;
     let _echo_app = mesh.tcp_echo(3, "echo", 7070)?;
-    let echo = mesh.start_dp_with(3, "default", "echo", "echo", ECHO_YAML, flags)?;
-    let web = mesh.start_dp_with(2, "default", "web", "web", WEB_TO_ECHO_YAML, flags)?;
+    mesh.set_dp_flags(flags);
+    let echo = mesh.start_dp(3, "default", "echo", "echo", ECHO_YAML)?;
+    let web = mesh.start_dp(2, "default", "web", "web", WEB_TO_ECHO_YAML)?;
     let check = |bytes: u64, timeout: &str| {
         mesh.host(2).run_timeout(
             [
