@@ -37,6 +37,10 @@ use crate::wait_for;
 /// The most hosts one testbed has: addresses go up to 10.77.0.254.
 pub const MAX_HOSTS: usize = 244;
 
+/// The nftables tables of [`Testbed::set_loss`] in a receiving host: this, then the sending
+/// host's index.
+const LOSS_TABLE: &str = "weft_loss_from_h";
+
 /// How long [`Host::run`] lets a command run before killing it.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -359,14 +363,17 @@ impl Testbed {
     /// built into this kernel). A frame, not a batch: the kernel hands a veth whole TCP and UDP
     /// segmentation batches (up to 64 KiB) and cuts them into frames only if the link cannot,
     /// so the two hosts' links get TCP and UDP segmentation offload turned off, and the
-    /// batches arrive cut, as they would from a wire. Other paths (to the CP's host, say) keep
-    /// their packets; setting it again replaces the rate, and 0 loses nothing (the offloads
-    /// stay off). Steps of 0.01 %.
+    /// batches arrive cut, as they would from a wire. Other paths keep their packets (each
+    /// receiving host has a table per sending host); setting a path again replaces its rate,
+    /// and 0 loses nothing (the offloads stay off). Steps of 0.01 %.
     pub fn set_loss(&self, i: usize, j: usize, percent: f64) -> anyhow::Result<()> {
         if !(0.0..100.0).contains(&percent) {
             bail!("a loss rate is a percentage in [0, 100), not {percent}");
         }
         let per_10k = (percent * 100.0).round() as u32;
+        if (percent > 0.0 && per_10k == 0) || per_10k >= 10_000 {
+            bail!("a loss rate of {percent} % is not a step of 0.01 % between 0 and 100");
+        }
         for (from, to) in [(i, j), (j, i)] {
             let (from, to) = (self.host(from), self.host(to));
             let offloads = [
@@ -382,10 +389,11 @@ impl Testbed {
                 "off",
             ];
             ip(offloads).with_context(|| format!("segmentation offloads of {}", from.ns))?;
+            let table = format!("inet {LOSS_TABLE}{}", from.index);
             let script = format!(
-                "add table inet weft_loss; flush table inet weft_loss; \
-                 add chain inet weft_loss input {{ type filter hook input priority 0; policy accept; }}; \
-                 add rule inet weft_loss input ip saddr {} numgen random mod 10000 < {per_10k} counter drop",
+                "add table {table}; flush table {table}; \
+                 add chain {table} input {{ type filter hook input priority 0; policy accept; }}; \
+                 add rule {table} input ip saddr {} numgen random mod 10000 < {per_10k} counter drop",
                 from.addr
             );
             ip(["netns", "exec", &to.ns, "nft", &script])
@@ -394,32 +402,24 @@ impl Testbed {
         Ok(())
     }
 
-    /// How many frames [`Testbed::set_loss`] has dropped on their way into host `i` (0 when
-    /// no loss was set there).
+    /// How many frames [`Testbed::set_loss`] has dropped on their way into host `i`, from all
+    /// hosts (0 when no loss was set there).
     pub fn lost(&self, i: usize) -> anyhow::Result<u64> {
         let ns = &self.host(i).ns;
-        let listing = match ip([
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "weft_loss",
-        ]) {
-            Ok(l) => l,
-            // nft's answer when the table is not there.
-            Err(e) if format!("{e:#}").contains("No such file or directory") => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let n = listing
-            .split("counter packets ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .with_context(|| format!("no loss counter in {ns}: {listing}"))?;
-        n.parse()
-            .with_context(|| format!("loss counter {n:?} in {ns}"))
+        let ruleset = ip(["netns", "exec", ns, "nft", "list", "ruleset"])?;
+        let mut lost = 0;
+        for table in ruleset.split("table inet ").skip(1) {
+            if !table.starts_with(LOSS_TABLE) {
+                continue;
+            }
+            for n in table.split("counter packets ").skip(1) {
+                let n = n.split_whitespace().next().unwrap_or_default();
+                lost += n
+                    .parse::<u64>()
+                    .with_context(|| format!("loss counter {n:?} in {ns}"))?;
+            }
+        }
+        Ok(lost)
     }
 
     /// Unplugs host `i`: its bridge port goes down, so its packets go nowhere (no RST, no ICMP).

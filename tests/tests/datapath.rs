@@ -1507,6 +1507,27 @@ fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
     mesh.set_dp_flags(flags);
     let echo = mesh.start_dp(3, "default", "echo", "echo", ECHO_YAML)?;
     let web = mesh.start_dp(2, "default", "web", "web", WEB_TO_ECHO_YAML)?;
+    // Each dataplane runs the congestion controller it was given (CUBIC unless a flag says).
+    let controller = flags
+        .windows(2)
+        .find(|w| w[0] == "--quic-congestion")
+        .map_or("cubic", |w| w[1]);
+    for dp in [&web, &echo] {
+        wait_for(
+            &format!("{} to name its QUIC congestion controller", dp.name),
+            Duration::from_secs(10),
+            || {
+                dp.proc
+                    .log()
+                    .lines()
+                    .any(|l| {
+                        l.contains("TLS credentials in use")
+                            && l.contains(&format!("quic_congestion={controller}"))
+                    })
+                    .then_some(())
+            },
+        )?;
+    }
     let check = |bytes: u64, timeout: &str| {
         mesh.host(2).run_timeout(
             [

@@ -242,9 +242,19 @@ fn a_lossy_path_drops_a_share_of_its_packets_each_way_and_nothing_else() {
     // Setting it again replaces it: 0 loses nothing.
     tb.set_loss(1, 2, 0.0).unwrap();
     assert_eq!(ping_loss(h1, h2, 50), 0.0);
-    for bad in [100.0, -1.0, f64::NAN] {
+    // Paths are set one by one: another path into host 2 leaves 1 -> 2 as it is.
+    tb.set_loss(1, 2, 30.0).unwrap();
+    tb.set_loss(3, 2, 0.0).unwrap();
+    let lost = tb.lost(2).unwrap();
+    assert!(ping_loss(h1, h2, 100) > 0.0);
+    assert!(tb.lost(2).unwrap() > lost);
+    assert_eq!(ping_loss(h3, h2, 50), 0.0);
+    for bad in [100.0, 99.999, 0.001, -1.0, f64::NAN] {
         let e = tb.set_loss(1, 2, bad).unwrap_err().to_string();
-        assert!(e.contains("percentage"), "{bad}: {e}");
+        assert!(
+            e.contains("0.01 %") || e.contains("percentage"),
+            "{bad}: {e}"
+        );
     }
 }
 
