@@ -58,8 +58,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP connect or a QUIC handshake to a peer dataplane may take: past Linux's
 /// second SYN retransmission (1 s, then 3 s after the first SYN), so that a connection whose
-/// SYN or SYN-ACK is lost twice on a lossy link still comes up — at 3 % loss each way, 2 s
-/// failed ~0.35 % of new connections (the e2e lossy-link test). Envoy's default is 5 s.
+/// SYN or SYN-ACK is lost twice on a lossy link still comes up (at 3 % loss each way, two
+/// ~6 % losses in a row: ~0.35 % of new connections would fail at 2 s, and the e2e
+/// lossy-link test makes 34). Envoy's default is 5 s.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(3500);
 /// How many endpoints an outbound connection tries before giving up.
 const MAX_ATTEMPTS: usize = 3;
