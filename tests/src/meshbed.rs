@@ -3,6 +3,7 @@
 //! test apps on the other hosts. Every command, `weftctl` and `curl` included, runs inside a
 //! test host; nothing is sent from the root namespace.
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
@@ -293,6 +294,15 @@ impl MeshBed {
         )
     }
 
+    /// Runs `weft-testapp ARGS` inside host `i` to completion (killed after `timeout`), with
+    /// its output captured: the client side of a check.
+    pub fn run_testapp(&self, i: usize, args: &[&str], timeout: Duration) -> Output {
+        let testapp = bin("weft-testapp");
+        let mut argv: Vec<&OsStr> = vec![testapp.as_os_str()];
+        argv.extend(args.iter().map(OsStr::new));
+        self.bed.host(i).run_timeout(argv, timeout)
+    }
+
     /// Runs `weft-testapp load` inside host `i` for `duration`; returns its JSON summary.
     pub fn load(
         &self,
@@ -301,16 +311,16 @@ impl MeshBed {
         duration: &str,
         interval: &str,
     ) -> anyhow::Result<Value> {
-        let out = self.bed.host(i).run_timeout(
-            [
-                bin("weft-testapp").display().to_string(),
-                "load".into(),
-                "--url".into(),
-                url.into(),
-                "--duration".into(),
-                duration.into(),
-                "--interval".into(),
-                interval.into(),
+        let out = self.run_testapp(
+            i,
+            &[
+                "load",
+                "--url",
+                url,
+                "--duration",
+                duration,
+                "--interval",
+                interval,
             ],
             Duration::from_secs(120),
         );

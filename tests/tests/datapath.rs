@@ -477,26 +477,31 @@ fn quic_get(
     cert_key: (&std::path::Path, &std::path::Path),
     ca: &std::path::Path,
 ) -> bool {
-    let out = mesh.host(1).run_timeout(
-        [
-            weft_e2e::bin("weft-testapp").display().to_string(),
-            "quic-get".into(),
-            "--to".into(),
-            "10.77.0.13:10002".into(),
-            "--service".into(),
-            "backend".into(),
-            "--mesh".into(),
-            "default".into(),
-            "--cert".into(),
-            cert_key.0.display().to_string(),
-            "--key".into(),
-            cert_key.1.display().to_string(),
-            "--ca".into(),
-            ca.display().to_string(),
-            "--path".into(),
-            "/probe".into(),
-            "--timeout".into(),
-            "15s".into(),
+    let (cert, key, ca) = (
+        cert_key.0.display().to_string(),
+        cert_key.1.display().to_string(),
+        ca.display().to_string(),
+    );
+    let out = mesh.run_testapp(
+        1,
+        &[
+            "quic-get",
+            "--to",
+            "10.77.0.13:10002",
+            "--service",
+            "backend",
+            "--mesh",
+            "default",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &ca,
+            "--path",
+            "/probe",
+            "--timeout",
+            "15s",
         ],
         // Generous: a loaded 2-core machine can starve a debug build's handshake for seconds.
         Duration::from_secs(30),
@@ -728,16 +733,16 @@ fn sigterm_drains_without_failed_requests(t: T) -> Result<()> {
         // refused before every other dataplane has learnt it is going). The probe connects,
         // sends nothing and half-closes; the dataplane closes too.
         std::thread::sleep(Duration::from_millis(300));
-        let probe = shop.mesh.host(1).run_timeout(
-            [
-                weft_e2e::bin("weft-testapp").display().to_string(),
-                "tcp-send".into(),
-                "--to".into(),
-                "10.77.0.14:10002".into(),
-                "--data".into(),
-                String::new(),
-                "--timeout".into(),
-                "1s".into(),
+        let probe = shop.mesh.run_testapp(
+            1,
+            &[
+                "tcp-send",
+                "--to",
+                "10.77.0.14:10002",
+                "--data",
+                "",
+                "--timeout",
+                "1s",
             ],
             Duration::from_secs(5),
         );
@@ -835,16 +840,16 @@ fn established_connections_survive_config_and_certificate_changes(t: T) -> Resul
         serde_json::from_str(&dp.admin("/config").ok()?).ok()
     };
     wait_for("web -> echo to work", Duration::from_secs(20), || {
-        let out = mesh.host(2).run_timeout(
-            [
-                weft_e2e::bin("weft-testapp").display().to_string(),
-                "tcp-send".into(),
-                "--to".into(),
-                "127.0.0.1:20003".into(),
-                "--data".into(),
-                "ping".into(),
-                "--timeout".into(),
-                "2s".into(),
+        let out = mesh.run_testapp(
+            2,
+            &[
+                "tcp-send",
+                "--to",
+                "127.0.0.1:20003",
+                "--data",
+                "ping",
+                "--timeout",
+                "2s",
             ],
             Duration::from_secs(5),
         );
@@ -908,15 +913,9 @@ fn established_connections_survive_config_and_certificate_changes(t: T) -> Resul
         "tcp-chat reconnected"
     );
     // And new connections use the new certificates.
-    let out = mesh.host(2).run_timeout(
-        [
-            weft_e2e::bin("weft-testapp").display().to_string(),
-            "tcp-send".into(),
-            "--to".into(),
-            "127.0.0.1:20003".into(),
-            "--data".into(),
-            "after".into(),
-        ],
+    let out = mesh.run_testapp(
+        2,
+        &["tcp-send", "--to", "127.0.0.1:20003", "--data", "after"],
         Duration::from_secs(10),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after");
@@ -1272,16 +1271,16 @@ fn a_reset_upstream_resets_the_client(t: T) -> Result<()> {
         "type: Dataplane\nmesh: default\nname: web\nnetworking:\n  address: 10.77.0.12\n  inbound:\n  - port: 10001\n    servicePort: 8081\n    tags:\n      kuma.io/service: web\n  outbound:\n  - port: 20003\n    tags:\n      kuma.io/service: rst\n",
     )?;
     let send = || {
-        mesh.host(2).run_timeout(
-            [
-                weft_e2e::bin("weft-testapp").display().to_string(),
-                "tcp-send".into(),
-                "--to".into(),
-                "127.0.0.1:20003".into(),
-                "--data".into(),
-                "hello".into(),
-                "--timeout".into(),
-                "3s".into(),
+        mesh.run_testapp(
+            2,
+            &[
+                "tcp-send",
+                "--to",
+                "127.0.0.1:20003",
+                "--data",
+                "hello",
+                "--timeout",
+                "3s",
             ],
             Duration::from_secs(10),
         )
@@ -1528,20 +1527,21 @@ fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
             },
         )?;
     }
+    /// `weft-testapp tcp-check` through web's outbound to echo.
+    fn tcp_check<'a>(bytes: &'a str, timeout: &'a str) -> [&'a str; 7] {
+        [
+            "tcp-check",
+            "--to",
+            "127.0.0.1:20003",
+            "--bytes",
+            bytes,
+            "--timeout",
+            timeout,
+        ]
+    }
     let check = |bytes: u64, timeout: &str| {
-        mesh.host(2).run_timeout(
-            [
-                weft_e2e::bin("weft-testapp").display().to_string(),
-                "tcp-check".into(),
-                "--to".into(),
-                "127.0.0.1:20003".into(),
-                "--bytes".into(),
-                bytes.to_string(),
-                "--timeout".into(),
-                timeout.into(),
-            ],
-            Duration::from_secs(90),
-        )
+        let bytes = bytes.to_string();
+        mesh.run_testapp(2, &tcp_check(&bytes, timeout), Duration::from_secs(90))
     };
     wait_for("web -> echo to work", Duration::from_secs(20), || {
         check(1000, "2s").status.success().then_some(())
@@ -1551,19 +1551,7 @@ fn lossy_link_check(t: T, flags: &[&str]) -> Result<()> {
     let big: Vec<Proc> = (0..4)
         .map(|i| {
             let bytes = BIG.to_string();
-            mesh.testapp(
-                2,
-                &format!("tcp-check-{i}"),
-                &[
-                    "tcp-check",
-                    "--to",
-                    "127.0.0.1:20003",
-                    "--bytes",
-                    &bytes,
-                    "--timeout",
-                    "60s",
-                ],
-            )
+            mesh.testapp(2, &format!("tcp-check-{i}"), &tcp_check(&bytes, "60s"))
         })
         .collect::<Result<_>>()?;
     // Meanwhile, short connections one after the other, each a fresh proxied connection.
