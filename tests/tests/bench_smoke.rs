@@ -98,11 +98,11 @@ fn cp_smoke_has_numbers() -> Result<()> {
     Ok(())
 }
 
-/// `--loss` takes a percentage above 0 and below 100 and names what it got otherwise (what a
+/// `--loss` takes a percentage from 0.01 to 99.99 and names what it got otherwise (what a
 /// loss does to a testbed is checked in netns.rs, on the wire).
 #[test]
-fn datapath_loss_outside_0_to_100_is_refused() {
-    for bad in ["0", "100", "-1", "lots"] {
+fn datapath_loss_outside_its_range_is_refused() {
+    for bad in ["0", "0.001", "100", "99.999", "-1", "lots"] {
         let o = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
             .args(["datapath", "--smoke", &format!("--loss={bad}")])
             .output()

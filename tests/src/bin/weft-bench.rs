@@ -105,17 +105,17 @@ struct DatapathArgs {
     loss: Option<f64>,
 }
 
-/// A `--loss` value: a percentage in (0, 100).
+/// A `--loss` value: a percentage from 0.01 to 99.99 (the testbed's steps are 0.01 %).
 fn loss_percent(s: &str) -> Result<f64, String> {
     let p: f64 = s
         .trim_end_matches('%')
         .parse()
         .map_err(|e| format!("{s:?}: {e}"))?;
-    if p > 0.0 && p < 100.0 {
+    if (0.01..=99.99).contains(&p) {
         Ok(p)
     } else {
         Err(format!(
-            "{s:?}: a loss is a percentage above 0 and below 100"
+            "{s:?}: a loss is a percentage from 0.01 to 99.99 (steps of 0.01)"
         ))
     }
 }
